@@ -1,0 +1,42 @@
+"""Flask application factory."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from app.composition import Container, build_container
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None, container: Container | None = None) -> Flask:
+    """Build the WSGI app from settings (read from the environment when not given)."""
+    if container is None:
+        container = build_container(settings or load_settings())
+    settings = container.settings
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    app = Flask(__name__)
+    app.url_map.strict_slashes = False
+    app.json.sort_keys = False
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        API_TITLE="Inventory reservation engine",
+        API_VERSION="1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    )
+    app.extensions["container"] = container
+
+    from app.api import register_api
+
+    register_api(app)
+
+    if not settings.auth_enabled:
+        log.warning("API_KEYS is empty: authentication is OFF (development mode only)")
+    return app

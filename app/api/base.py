@@ -1,0 +1,136 @@
+"""The Blueprint and request parser every API module uses, and shared schema pieces."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flask_smorest
+import marshmallow as ma
+from marshmallow import fields, validate
+from webargs import core
+from webargs.flaskparser import FlaskParser, is_json_request
+
+from app.errors import BadJson, DomainError, ValidationFailed
+
+MAX_ID = 2**31 - 1
+MAX_QUANTITY = 1_000_000
+MAX_MONEY = "9999999999.99"
+
+
+class UnsupportedMediaType(DomainError):
+    status, code = 415, "unsupported_media_type"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def flatten_messages(messages: Any) -> dict:
+    """webargs keys errors by location ({"json": {...}}); callers want the fields."""
+    if isinstance(messages, dict) and len(messages) == 1:
+        (location, inner), = messages.items()
+        if location in ("json", "query", "querystring", "view_args", "path", "headers") and isinstance(inner, dict):
+            return inner
+    return messages if isinstance(messages, dict) else {"_schema": messages}
+
+
+class Parser(FlaskParser):
+    """JSON only; bad JSON is `bad_json`, a bad field is `validation_error` (400, API.md)."""
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req):
+        data = req.get_data(cache=True)
+        if not data:
+            return core.missing
+        if not is_json_request(req):
+            raise UnsupportedMediaType("Request body must be JSON (Content-Type: application/json)")
+        try:
+            return json.loads(data, parse_constant=_reject_constant)
+        except RecursionError:
+            raise BadJson("Request body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError):
+            raise BadJson("Request body is not valid JSON") from None
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        raise BadJson("Request body is not valid JSON")
+
+    def handle_error(self, error, req, schema, *, error_status_code, error_headers):
+        raise ValidationFailed("Request has invalid fields", flatten_messages(error.messages))
+
+
+PARSER = Parser()
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = PARSER
+
+
+# --- shared fields --------------------------------------------------------------------------
+
+def Id(**kw) -> fields.Integer:
+    """A catalog or order id: a strict JSON integer in range."""
+    return fields.Integer(strict=True, validate=validate.Range(1, MAX_ID), **kw)
+
+
+def Quantity(**kw) -> fields.Integer:
+    return fields.Integer(strict=True, validate=validate.Range(1, MAX_QUANTITY), **kw)
+
+
+class Money(fields.Decimal):
+    """A money amount: in as a decimal string or number with at most two places, out as "550.00"."""
+
+    def __init__(self, **kw):
+        kw.setdefault("validate", validate.Range(0, None))
+        super().__init__(places=None, as_string=True, allow_nan=False, **kw)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or isinstance(value, float):
+            # A float has already lost cents; ask for a string.
+            if isinstance(value, bool) or value != round(value, 2):
+                raise ma.ValidationError("Not a valid money amount; send a decimal string such as \"9.99\".")
+            value = repr(value)
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if result.as_tuple().exponent < -2:
+            raise ma.ValidationError("Money has at most two decimal places.")
+        if result > type(result)(MAX_MONEY):
+            raise ma.ValidationError(f"Money must be at most {MAX_MONEY}.")
+        return result.quantize(type(result)("0.01"))
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        from decimal import Decimal
+
+        return format(Decimal(value).quantize(Decimal("0.01")), "f")
+
+
+class Timestamp(fields.DateTime):
+    """ISO-8601 UTC with a Z."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        from app.clock import iso
+
+        return iso(value)
+
+
+class PageArgs(ma.Schema):
+    page = fields.Integer(load_default=1, validate=validate.Range(1, MAX_ID))
+    per_page = fields.Integer(load_default=50, validate=validate.Range(1, 500))
+
+
+def list_schema(item_schema: type[ma.Schema], name: str) -> type[ma.Schema]:
+    """The list envelope of API.md: {items, page, per_page, total}."""
+    return ma.Schema.from_dict(
+        {
+            "items": fields.List(fields.Nested(item_schema)),
+            "page": fields.Integer(),
+            "per_page": fields.Integer(),
+            "total": fields.Integer(),
+        },
+        name=name,
+    )
+
+
+def page_of(items: list, page: int, per_page: int, total: int) -> dict:
+    return {"items": items, "page": page, "per_page": per_page, "total": total}

@@ -1,0 +1,54 @@
+"""Liveness, readiness and metrics."""
+from __future__ import annotations
+
+import logging
+
+from flask import Response, jsonify
+from sqlalchemy import text
+
+from app.api.base import Blueprint
+from app.api.context import container
+
+log = logging.getLogger(__name__)
+blp = Blueprint("ops-health", __name__, description="Health and readiness")
+
+
+@blp.route("/healthz")
+@blp.doc(summary="Liveness: 200 while the process lives")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@blp.route("/readyz")
+@blp.doc(summary="Readiness: 200 when the database and Redis answer and the scripts are loaded")
+def readyz():
+    c = container()
+    checks = {}
+    try:
+        with c.db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        c.stock.ensure_scripts_loaded()
+        checks["redis"] = "ok"
+        checks["scripts"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["redis"] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values()) and "scripts" in checks
+    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    response = jsonify(body)
+    response.status_code = 200 if ready else 503
+    if not ready:
+        response.headers["Retry-After"] = "2"
+    return response
+
+
+@blp.route("/metrics")
+@blp.doc(summary="Prometheus metrics (admin key, or open when auth is off)")
+def metrics():
+    from app.metrics import render
+
+    body, content_type = render()
+    return Response(body, content_type=content_type)

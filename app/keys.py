@@ -1,0 +1,78 @@
+"""Every Redis key name of the service is built here, and nowhere else.
+
+Per-variant keys share the hash tag ``{v<id>}`` so one script can touch all of them and the
+layout works unchanged on Redis Cluster; a cart carries its user's tag ``{u<id>}``.
+"""
+from __future__ import annotations
+
+PREFIX = "inv:"
+
+
+def variant_tag(variant_id: int) -> str:
+    return f"{{v{int(variant_id)}}}"
+
+
+def stock(variant_id: int) -> str:
+    """Hash: available, reserved, version, adj_pending, adj_since, mm_ver, mm_since."""
+    return f"{PREFIX}stock:{variant_tag(variant_id)}"
+
+
+def holds(variant_id: int) -> str:
+    """Hash: hold id -> packed hold record (qty|exp_ms|state|user|token|lock_ms)."""
+    return f"{PREFIX}holds:{variant_tag(variant_id)}"
+
+
+def hold_expiry(variant_id: int) -> str:
+    """Sorted set: hold id scored by its expiry time in ms."""
+    return f"{PREFIX}hexp:{variant_tag(variant_id)}"
+
+
+def customer_units(variant_id: int) -> str:
+    """Hash: user id -> units held plus ordered (MAX_UNITS_PER_CUSTOMER)."""
+    return f"{PREFIX}cust:{variant_tag(variant_id)}"
+
+
+TIMER_PREFIX = f"{PREFIX}ht:"
+
+
+def hold_timer(variant_id: int, hold_id: str) -> str:
+    """String with the hold's TTL; exists only to raise the keyspace `expired` event."""
+    return f"{TIMER_PREFIX}{variant_tag(variant_id)}:{hold_id}"
+
+
+def parse_hold_timer(key: str) -> tuple[int, str] | None:
+    """(variant_id, hold_id) from a timer key name, or None if it is not one."""
+    if not key.startswith(TIMER_PREFIX + "{v"):
+        return None
+    rest = key[len(TIMER_PREFIX) + 2:]
+    vid, sep, hold_id = rest.partition("}:")
+    if not sep or not vid.isdigit() or not hold_id:
+        return None
+    return int(vid), hold_id
+
+
+def sweep_index() -> str:
+    """Sorted set: variant id scored by the earliest expiry of its holds (a hint for the sweeper)."""
+    return f"{PREFIX}sweep-index"
+
+
+def cart(user_id: str) -> str:
+    """Hash: item (hold) id -> JSON cart line."""
+    return f"{PREFIX}cart:{{u{user_id}}}"
+
+
+def idempotency(scope: str, user_id: str, key: str) -> str:
+    return f"{PREFIX}idem:{{u{user_id}}}:{scope}:{key}"
+
+
+def catalog_version() -> str:
+    """Integer bumped on every catalog or pricing-rule change, so every process drops its cache."""
+    return f"{PREFIX}catalog-version"
+
+
+def reconcile_lock() -> str:
+    return f"{PREFIX}lock:reconcile"
+
+
+def sweep_lock() -> str:
+    return f"{PREFIX}lock:sweep"

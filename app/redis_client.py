@@ -1,0 +1,29 @@
+"""Redis connections: one client per process, single node or cluster (REDIS_CLUSTER)."""
+from __future__ import annotations
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from app.settings import Settings
+
+
+def make_redis(settings: Settings, *, decode: bool = True, timeout: float = 5.0):
+    """A client for REDIS_URL; a RedisCluster client when REDIS_CLUSTER=1."""
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set (inventory run starts an embedded Redis and sets it)")
+    common = dict(
+        decode_responses=decode,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+    )
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url, **common)
+    return redis.Redis.from_url(
+        settings.redis_url,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+        **common,
+    )

@@ -1,0 +1,161 @@
+"""All settings of the service, read from the environment in this one place (API.md, Settings)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR_DIR = ROOT / "var"
+ROLES = ("admin", "storefront")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-.~+/=]{8,256}$")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_env: str = "development"
+    database_url: str = ""
+    redis_url: str = ""
+    redis_cluster: bool = False
+    port: int = 8000
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> role
+    hold_ttl_seconds: int = 900
+    sweep_interval_seconds: int = 30
+    reconcile_interval_seconds: int = 300
+    pricing_stacking: str = "multiplicative"
+    max_units_per_customer: int = 0
+    currency: str = "USD"
+    # Not in API.md's table, documented in the README.
+    checkout_grace_seconds: int = 120
+    max_body_bytes: int = 64 * 1024
+    log_level: str = "INFO"
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def redacted_database_url(self) -> str:
+        return redact_url(self.database_url)
+
+    def redacted_redis_url(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL so it can be logged."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise SettingsError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def parse_api_keys(raw: str) -> dict[str, str]:
+    """Parse `admin:<key>,storefront:<key>,...` into {key: role}."""
+    keys: dict[str, str] = {}
+    for part in (p.strip() for p in (raw or "").split(",")):
+        if not part:
+            continue
+        role, sep, key = part.partition(":")
+        role, key = role.strip(), key.strip()
+        if not sep or role not in ROLES:
+            raise SettingsError(f"API_KEYS entries must look like admin:<key> or storefront:<key>, got role {role!r}")
+        if not _KEY_RE.match(key):
+            raise SettingsError("API_KEYS: each key must be 8-256 characters of [A-Za-z0-9_-.~+/=]")
+        if key in keys and keys[key] != role:
+            raise SettingsError("API_KEYS: the same key is given two roles")
+        keys[key] = role
+    return keys
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings:
+    """Read and validate every setting; raise SettingsError with a one-line reason."""
+    env = os.environ if env is None else env
+    app_env = (env.get("APP_ENV") or "development").strip()
+    if app_env not in ("development", "production", "test"):
+        raise SettingsError(f"APP_ENV must be development, production or test, got {app_env!r}")
+    stacking = (env.get("PRICING_STACKING") or "multiplicative").strip().lower()
+    if stacking not in ("multiplicative", "additive"):
+        raise SettingsError(f"PRICING_STACKING must be multiplicative or additive, got {stacking!r}")
+    currency = (env.get("CURRENCY") or "USD").strip().upper()
+    if not re.fullmatch(r"[A-Z]{3}", currency):
+        raise SettingsError(f"CURRENCY must be a three-letter code, got {currency!r}")
+    database_url = (env.get("DATABASE_URL") or "").strip()
+    if not database_url:
+        database_url = f"sqlite:///{VAR_DIR / 'inventory.db'}"
+    elif "://" not in database_url:
+        raise SettingsError("DATABASE_URL must be an SQLAlchemy URL such as postgresql://user@host/db")
+    redis_url = (env.get("REDIS_URL") or "").strip()
+    if redis_url and not re.match(r"^(redis|rediss|unix)://", redis_url):
+        raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+    log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    settings = Settings(
+        app_env=app_env,
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_cluster=_bool(env, "REDIS_CLUSTER", False),
+        port=_int(env, "PORT", 8000, 1, 65535),
+        api_keys=parse_api_keys(env.get("API_KEYS", "")),
+        hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 1, 7 * 24 * 3600),
+        sweep_interval_seconds=_int(env, "SWEEP_INTERVAL_SECONDS", 30, 1, 24 * 3600),
+        reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 300, 1, 7 * 24 * 3600),
+        pricing_stacking=stacking,
+        max_units_per_customer=_int(env, "MAX_UNITS_PER_CUSTOMER", 0, 0, 10**9),
+        currency=currency,
+        checkout_grace_seconds=_int(env, "CHECKOUT_GRACE_SECONDS", 120, 1, 24 * 3600),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, 1024, 64 * 1024 * 1024),
+        log_level=log_level,
+    )
+    if overrides:
+        settings = replace(settings, **overrides)
+    check_production(settings)
+    return settings
+
+
+def check_production(settings: Settings) -> None:
+    """Production mode refuses to start without keys or on the embedded defaults."""
+    if not settings.production:
+        return
+    if not settings.api_keys:
+        raise SettingsError("APP_ENV=production needs API_KEYS (admin:<key>,storefront:<key>)")
+    if settings.database_url.startswith("sqlite"):
+        raise SettingsError("APP_ENV=production needs DATABASE_URL (the embedded SQLite is for development)")
+    if not settings.redis_url:
+        raise SettingsError("APP_ENV=production needs REDIS_URL (the embedded Redis is for development)")

@@ -1,0 +1,1 @@
+"""Durable storage: models, engine/session factory, migrations."""
