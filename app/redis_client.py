@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app.settings import Settings
@@ -24,6 +24,8 @@ def make_redis(settings: Settings, *, decode: bool = True, timeout: float = 5.0)
         return RedisCluster.from_url(settings.redis_url, **common)
     return redis.Redis.from_url(
         settings.redis_url,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+        # No silent re-sends: a reserve script sent twice would reserve twice. A failed call
+        # surfaces as 503 and the client retries with its Idempotency-Key.
+        retry=Retry(NoBackoff(), 0),
         **common,
     )

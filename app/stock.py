@@ -1,17 +1,523 @@
-"""The reservation engine: the only module that reads or changes stock in Redis (stub, being written)."""
+"""The reservation engine: the only module that reads or changes stock in Redis.
+
+Every change goes through one of the Lua scripts in lua/ (see each file's header); this module
+turns their return codes into domain errors (`_raise_for`) and adds the database reads a script
+needs (on_hand and version when counters must be rebuilt, and for the reconciler).
+"""
 from __future__ import annotations
 
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from redis.exceptions import NoScriptError
+from sqlalchemy import select
+
+from app import clock, keys
+from app.errors import Conflict, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
+from app.metrics import HOLDS, RECONCILE_DRIFT, REJECTIONS
+from app.scripts import Scripts
+from persistence.models import Order, Stock
+
+log = logging.getLogger(__name__)
+
+HOLD_SEP = "~"
+SWEEP_SCRIPT_LIMIT = 1000
+
+
+class CheckoutInProgress(Conflict):
+    code = "checkout_in_progress"
+
+
+# --- hold ids --------------------------------------------------------------------------------
+
+def hold_id_for(variant_id: int, user_id: str) -> str:
+    """One hold (and cart line) per customer and variant: a second add merges into it."""
+    return f"{int(variant_id)}{HOLD_SEP}{user_id}"
+
+
+def parse_hold_id(hold_id: str) -> tuple[int, str] | None:
+    """(variant_id, user_id) of a hold id, or None if it is not one."""
+    vid, sep, user = hold_id.partition(HOLD_SEP)
+    if not sep or not vid.isdigit() or not user or len(vid) > 10:
+        return None
+    return int(vid), user
+
+
+# --- values ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reservation:
+    variant_id: int
+    hold_id: str
+    quantity: int
+    expires_ms: int
+    available: int
+    gen: str
+
+
+@dataclass(frozen=True)
+class Counters:
+    variant_id: int
+    available: int
+    reserved: int
+    active_holds: int
+    version: int
+
+
+@dataclass(frozen=True)
+class HoldView:
+    quantity: int
+    expires_ms: int
+    state: str  # "held" | "locked"
+    user: str
+    gen: str
+    token: str
+    locked_ms: int
+
+
+@dataclass(frozen=True)
+class LockResult:
+    variant_id: int
+    hold_id: str
+    ok: bool
+    quantity: int = 0
+    gen: str = ""
+    user: str = ""
+    reason: str = ""  # missing | expired | locked
+
+
+@dataclass(frozen=True)
+class Finalization:
+    variant_id: int
+    hold_id: str
+    gen: str
+    quantity: int
+    user: str
+    new_version: int
+
+
+@dataclass
+class SweepReport:
+    variants: int = 0
+    holds: int = 0
+    units: int = 0
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    drifted: int = 0
+    repaired: int = 0
+    skipped: int = 0
+    locks_finalized: int = 0
+    locks_released: int = 0
+    rows: list[dict] = field(default_factory=list)
+    skipped_ids: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "checked": self.checked, "drifted": self.drifted, "repaired": self.repaired,
+            "skipped": self.skipped, "locks_finalized": self.locks_finalized,
+            "locks_released": self.locks_released, "rows": self.rows,
+        }
+
+
+def unpack_hold(raw: str | None) -> HoldView | None:
+    if not raw:
+        return None
+    parts = raw.split("|")
+    if len(parts) != 7:
+        return None
+    qty, exp, state, user, gen, token, lockms = parts
+    return HoldView(int(qty), int(exp), "locked" if state == "l" else "held", user, gen, token, int(lockms or 0))
+
+
+# --- the engine ----------------------------------------------------------------------------------
 
 class StockEngine:
+    """Typed operations on the live counters and holds."""
+
     def __init__(self, redis, sessions, settings):
-        self.redis, self.sessions, self.settings = redis, sessions, settings
+        self.redis = redis
+        self.sessions = sessions
+        self.settings = settings
+        self.scripts = Scripts(redis)
+        self.ttl_ms = settings.hold_ttl_seconds * 1000
+        self.grace_ms = settings.checkout_grace_seconds * 1000
+        self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",
+                     "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock")}
+
+    # -- plumbing -------------------------------------------------------------------------------
 
     def ensure_scripts_loaded(self) -> None:
-        self.redis.ping()
+        """Load every script into the server's cache (readiness)."""
+        self.scripts.load_all()
 
-    def active_holds(self, variant_ids: list[int]) -> dict[int, int]:
+    @staticmethod
+    def _variant_keys(variant_id: int, hold_id: str | None = None) -> list[str]:
+        ks = [keys.stock(variant_id), keys.holds(variant_id), keys.hold_expiry(variant_id),
+              keys.customer_units(variant_id)]
+        if hold_id is not None:
+            ks.append(keys.hold_timer(variant_id, hold_id))
+        return ks
+
+    def _run(self, calls: Sequence[tuple]) -> list:
+        """Run script calls ("script", name, keys, args) and plain commands (see _cmd)
+        in one pipeline (one round trip on a single node). A script missing from the server's cache
+        (restart, failover, SCRIPT FLUSH) is loaded and that call alone is sent again: NOSCRIPT means
+        it did not run."""
+        results = self._pipeline(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            self.scripts.load_all()
+            again = self._pipeline([calls[i] for i in missing])
+            for i, r in zip(missing, again):
+                results[i] = r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def _pipeline(self, calls: Sequence[tuple]) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            if call[0] == "script":
+                _, name, ks, args = call
+                pipe.evalsha(self._sha[name], len(ks), *ks, *args)
+            else:
+                _, method, args, kwargs = call
+                getattr(pipe, method)(*args, **kwargs)
+        return pipe.execute(raise_on_error=False)
+
+    @staticmethod
+    def _cmd(method: str, *args, **kwargs) -> tuple:
+        return ("cmd", method, args, kwargs)
+
+    def _script(self, name: str, ks: list[str], args: list) -> list:
+        return self._run([("script", name, ks, args)])[0]
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def rebuild_from_db(self, variant_ids: Iterable[int]) -> None:
+        """Build missing counters from the database's on_hand and the live holds (atomic, idempotent)."""
+        ids = list(variant_ids)
+        with self.sessions() as s:
+            rows = {r.variant_id: (r.on_hand, r.version) for r in
+                    s.execute(select(Stock.variant_id, Stock.on_hand, Stock.version)
+                              .where(Stock.variant_id.in_(ids)))}
+        calls = []
+        for vid in ids:
+            if vid not in rows:
+                raise NotFound("variant", vid)
+            on_hand, version = rows[vid]
+            calls.append(("script", "initStock", self._variant_keys(vid)[:3], [on_hand, version]))
+        results = self._run(calls)
+        for vid, res in zip(ids, results):
+            if res[0] == 1:
+                log.info("rebuilt counters of variant %s from the database: available=%s reserved=%s",
+                         vid, res[1], res[2])
+
+    def counters(self, variant_ids: Sequence[int]) -> dict[int, Counters]:
+        """Live counters per variant; missing ones are rebuilt from the database first."""
+        ids = [int(v) for v in variant_ids]
+        if not ids:
+            return {}
+        out = self._read_counters(ids)
+        missing = [vid for vid in ids if vid not in out]
+        if missing:
+            self.rebuild_from_db(missing)
+            out.update(self._read_counters(missing))
+        return out
+
+    def _read_counters(self, ids: list[int]) -> dict[int, Counters]:
+        calls = []
+        for vid in ids:
+            calls.append(self._cmd("hmget", keys.stock(vid), ["available", "reserved", "version"]))
+            calls.append(self._cmd("hlen", keys.holds(vid)))
+        results = self._run(calls)
+        out = {}
+        for i, vid in enumerate(ids):
+            (available, reserved, version), holds = results[2 * i], results[2 * i + 1]
+            if available is None:
+                continue
+            out[vid] = Counters(vid, int(available), int(reserved or 0), int(holds), int(version or 0))
+        return out
+
+    def active_holds(self, variant_ids: Sequence[int]) -> dict[int, int]:
         """Number of live holds per variant."""
-        return {vid: int(self.redis.hlen(f"inv:holds:{{v{vid}}}")) for vid in variant_ids}
+        ids = list(variant_ids)
+        results = self._run([self._cmd("hlen", keys.holds(vid)) for vid in ids]) if ids else []
+        return {vid: int(n) for vid, n in zip(ids, results)}
 
     def forget(self, variant_id: int) -> None:
         """Drop a deleted variant's counters and holds from Redis."""
+        self._run([self._cmd("delete", *self._variant_keys(variant_id)),
+                   self._cmd("zrem", keys.sweep_index(), str(variant_id))])
+
+    # -- holds ------------------------------------------------------------------------------------
+
+    def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
+                now: int | None = None, ttl_ms: int | None = None, limit: int | None = None) -> Reservation:
+        """Reserve `quantity` more units (mode "add") or make the hold exactly `quantity` (mode "set").
+
+        Raises:
+            InsufficientStock, LimitExceeded, CheckoutInProgress, NotFound (no such variant).
+        """
+        now = clock.now_ms() if now is None else now
+        ttl = self.ttl_ms if ttl_ms is None else ttl_ms
+        limit = self.settings.max_units_per_customer if limit is None else limit
+        hold_id = hold_id_for(variant_id, user_id)
+        gen = secrets.token_hex(4)
+        args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
+        ks = self._variant_keys(variant_id, hold_id)
+        for _ in range(2):
+            res, _ = self._run([
+                ("script", "reserveHold", ks, args),
+                # the sweeper's index; a hint, so harmless when the reserve was refused
+                self._cmd("zadd", keys.sweep_index(), {str(variant_id): now + ttl}, lt=True),
+            ])
+            code = res[0]
+            if code == 1:
+                HOLDS.labels("reserved").inc()
+                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4])
+            if code == -1:
+                self.rebuild_from_db([variant_id])
+                continue
+            if code == -2:
+                REJECTIONS.labels("insufficient_stock").inc()
+                raise InsufficientStock(variant_id, int(res[1]), quantity)
+            if code == -3:
+                REJECTIONS.labels("limit_exceeded").inc()
+                raise LimitExceeded(variant_id, limit, int(res[1]), quantity)
+            if code == -4:
+                REJECTIONS.labels("checkout_in_progress").inc()
+                raise CheckoutInProgress("This item is being checked out", {"variant_id": variant_id})
+            raise RuntimeError(f"reserveHold returned {res!r}")
+        raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
+
+    def release(self, variant_id: int, hold_id: str, *, only_if_expired: bool = False,
+                now: int | None = None, gen: str = "") -> int:
+        """Release a hold; returns the units given back (0 if there was nothing to release)."""
+        return self.release_many([(variant_id, hold_id)], only_if_expired=only_if_expired, now=now, gen=gen)[0]
+
+    def release_many(self, holds: Sequence[tuple[int, str]], *, only_if_expired: bool = False,
+                     now: int | None = None, gen: str = "") -> list[int]:
+        """Release several holds in one round trip; returns units given back per hold."""
+        now = clock.now_ms() if now is None else now
+        mode = "expired" if only_if_expired else "any"
+        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, mode, gen])
+                 for vid, hid in holds]
+        out = []
+        for res in (self._run(calls) if calls else []):
+            released = int(res[1]) if res[0] == 1 else 0
+            if res[0] == 1:
+                HOLDS.labels("expired" if only_if_expired else "released").inc()
+            out.append(released)
+        return out
+
+    def holds(self, pairs: Sequence[tuple[int, str]]) -> list[HoldView | None]:
+        """The current state of each (variant_id, hold_id): None when there is no such hold."""
+        if not pairs:
+            return []
+        results = self._run([self._cmd("hget", keys.holds(vid), hid) for vid, hid in pairs])
+        return [unpack_hold(r) for r in results]
+
+    # -- checkout ---------------------------------------------------------------------------------
+
+    def lock_many(self, holds: Sequence[tuple[int, str]], token: str, now: int | None = None) -> list[LockResult]:
+        """Lock holds for a checkout in one round trip; lapsed ones are released and refused."""
+        now = clock.now_ms() if now is None else now
+        calls = [("script", "lockHold", self._variant_keys(vid, hid), [hid, token, now]) for vid, hid in holds]
+        out = []
+        for (vid, hid), res in zip(holds, self._run(calls)):
+            if res[0] == 1:
+                out.append(LockResult(vid, hid, True, int(res[1]), res[2], res[3]))
+            else:
+                out.append(LockResult(vid, hid, False, reason={-1: "missing", -2: "expired", -3: "locked"}[res[0]]))
+        return out
+
+    def unlock_many(self, locks: Sequence[tuple[int, str, str]], now: int | None = None) -> list[int]:
+        """Undo locks (variant_id, hold_id, gen): held again, or released if lapsed meanwhile."""
+        now = clock.now_ms() if now is None else now
+        calls = [("script", "unlockHold", self._variant_keys(vid, hid), [hid, gen, now]) for vid, hid, gen in locks]
+        return [int(r[0]) for r in self._run(calls)] if calls else []
+
+    def finalize_many(self, items: Sequence[Finalization]) -> list[int]:
+        """Finalize locked holds whose order is committed (idempotent)."""
+        calls = [("script", "finalizeHold", self._variant_keys(f.variant_id, f.hold_id),
+                  [f.hold_id, f.gen, f.quantity, f.new_version, f.user]) for f in items]
+        out = [int(r[0]) for r in self._run(calls)] if calls else []
+        HOLDS.labels("committed").inc(sum(1 for r in out if r))
+        return out
+
+    # -- adjustments ------------------------------------------------------------------------------
+
+    def adjust_phase(self, variant_id: int, phase: str, delta: int, now: int | None = None) -> tuple[int, int, int]:
+        """One phase of an adjustment's Redis half; returns (available, reserved, version).
+
+        Raises:
+            StockBelowReserved: in "begin", when the units to remove are not available.
+        """
+        now = clock.now_ms() if now is None else now
+        for _ in range(2):
+            res = self._script("adjustStock", [keys.stock(variant_id)], [phase, delta, now])
+            if res[0] == 1:
+                return int(res[1]), int(res[2]), int(res[3])
+            if res[0] == -1:
+                self.rebuild_from_db([variant_id])
+                continue
+            if res[0] == -2:
+                raise StockBelowReserved(variant_id, int(res[1]), delta)
+        raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
+
+    # -- expiry -----------------------------------------------------------------------------------
+
+    def sweep(self, now: int | None = None, batch: int = 500, max_rounds: int = 1000) -> SweepReport:
+        """Release every lapsed hold, found through the sweep index (variants scored by earliest expiry)."""
+        report = SweepReport()
+        index = keys.sweep_index()
+        for _ in range(max_rounds):
+            now_ = clock.now_ms() if now is None else now
+            due = self.redis.zrangebyscore(index, "-inf", now_, start=0, num=batch)
+            if not due:
+                break
+            # Remove before sweeping: a reserve that lands meanwhile re-adds its variant, and the
+            # sweep re-adds what it leaves, so no variant with a hold drops out of the index.
+            self._run([self._cmd("zrem", index, *due)])
+            results = self._run([("script", "sweepHolds", self._variant_keys(int(v)), [now_, SWEEP_SCRIPT_LIMIT])
+                                 for v in due])
+            readd = {}
+            for v, (count, units, earliest, _left) in zip(due, results):
+                report.variants += 1
+                report.holds += int(count)
+                report.units += int(units)
+                if int(count) >= SWEEP_SCRIPT_LIMIT:
+                    readd[v] = now_  # more are due: come back in this same sweep
+                elif int(earliest) >= 0:
+                    readd[v] = int(earliest)
+            if readd:
+                self._run([self._cmd("zadd", index, readd, lt=True)])
+            if len(due) < batch and not any(score <= now_ for score in readd.values()):
+                break
+        if report.holds:
+            HOLDS.labels("expired").inc(report.holds)
+        return report
+
+    # -- reconciliation ---------------------------------------------------------------------------
+
+    def reconcile(self, variant_ids: Sequence[int] | None = None, *, dry_run: bool = False,
+                  now: int | None = None, grace_ms: int | None = None, batch: int = 500,
+                  progress: Callable[[int], None] | None = None) -> ReconcileReport:
+        """Compare and repair the live counters against the database (DESIGN.md, Reconciliation).
+
+        Locked holds older than the grace period are resolved first: finalized when their order
+        exists, unlocked (or released, if lapsed) when it does not.
+        """
+        grace = self.grace_ms if grace_ms is None else grace_ms
+        report = ReconcileReport()
+        for rows in self._stock_batches(variant_ids, batch):
+            self._reconcile_batch(rows, report, dry_run, now, grace, second_pass=False)
+            if progress:
+                progress(len(rows))
+        if report.drifted:
+            RECONCILE_DRIFT.labels("found").inc(report.drifted)
+        if report.repaired:
+            RECONCILE_DRIFT.labels("repaired").inc(report.repaired)
+        return report
+
+    def _stock_batches(self, variant_ids: Sequence[int] | None, batch: int):
+        query = select(Stock.variant_id, Stock.on_hand, Stock.version).order_by(Stock.variant_id)
+        if variant_ids is not None:
+            ids = sorted({int(v) for v in variant_ids})
+            for i in range(0, len(ids), batch):
+                chunk = ids[i:i + batch]
+                with self.sessions() as s:
+                    rows = [tuple(r) for r in s.execute(query.where(Stock.variant_id.in_(chunk)))]
+                found = {r[0] for r in rows}
+                for vid in chunk:
+                    if vid not in found:
+                        raise NotFound("variant", vid)
+                yield rows
+            return
+        last = 0
+        while True:
+            with self.sessions() as s:
+                rows = [tuple(r) for r in s.execute(query.where(Stock.variant_id > last).limit(batch))]
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
+
+    def _reconcile_batch(self, rows, report: ReconcileReport, dry_run: bool, now, grace: int,
+                         second_pass: bool) -> None:
+        now_ = clock.now_ms() if now is None else now
+        calls = [("script", "reconcileStock", self._variant_keys(vid), [on_hand, version, now_, grace,
+                                                                       1 if dry_run else 0])
+                 for vid, on_hand, version in rows]
+        results = self._run(calls)
+        stale: list[tuple[int, list]] = []
+        index_hints = {}
+        for (vid, on_hand, version), res in zip(rows, results):
+            status, available, reserved, exp_available, exp_reserved, earliest, locks = res
+            if int(earliest) >= 0:
+                index_hints[str(vid)] = int(earliest)
+            if status == -3 and not second_pass:
+                stale.append((vid, locks))
+                continue
+            report.checked += 1
+            if status in (-1, -2, -3):
+                report.skipped += 1
+                report.skipped_ids.append(vid)
+                continue
+            if status in (1, 2):
+                report.drifted += 1
+                if not dry_run:
+                    report.repaired += 1
+                actual_a = None if status == 2 else int(available)
+                actual_r = None if status == 2 else int(reserved)
+                if actual_a != int(exp_available):
+                    report.rows.append({"variant_id": vid, "field": "available",
+                                        "expected": int(exp_available), "actual": actual_a})
+                if actual_r != int(exp_reserved):
+                    report.rows.append({"variant_id": vid, "field": "reserved",
+                                        "expected": int(exp_reserved), "actual": actual_r})
+                if actual_a == int(exp_available) and actual_r == int(exp_reserved):
+                    report.rows.append({"variant_id": vid, "field": "version", "expected": version,
+                                        "actual": None})
+        if index_hints and not dry_run:
+            self._run([self._cmd("zadd", keys.sweep_index(), index_hints, lt=True)])
+        if stale:
+            if not dry_run:
+                self._resolve_stale_locks(stale, report)
+            redo_ids = [vid for vid, _ in stale]
+            with self.sessions() as s:
+                fresh = [tuple(r) for r in s.execute(
+                    select(Stock.variant_id, Stock.on_hand, Stock.version).where(Stock.variant_id.in_(redo_ids))
+                    .order_by(Stock.variant_id))]
+            self._reconcile_batch(fresh, report, dry_run, now, grace, second_pass=True)
+
+    def _resolve_stale_locks(self, stale: list[tuple[int, list]], report: ReconcileReport) -> None:
+        """A checkout that crashed after locking: finalize if its order exists, else unlock."""
+        locks = []
+        for vid, flat in stale:
+            for i in range(0, len(flat), 5):
+                hold_id, gen, token, qty, user = flat[i:i + 5]
+                locks.append((vid, hold_id, gen, token, int(qty), user))
+        tokens = {lock[3] for lock in locks}
+        with self.sessions() as s:
+            committed = set(s.scalars(select(Order.checkout_token).where(Order.checkout_token.in_(tokens))))
+        to_finalize = [Finalization(vid, hid, gen, qty, user, 0)
+                       for vid, hid, gen, token, qty, user in locks if token in committed]
+        to_unlock = [(vid, hid, gen) for vid, hid, gen, token, _q, _u in locks if token not in committed]
+        if to_finalize:
+            self.finalize_many(to_finalize)
+            report.locks_finalized += len(to_finalize)
+            log.warning("reconciler finalized %d hold(s) of checkouts that committed but did not finish",
+                        len(to_finalize))
+        if to_unlock:
+            self.unlock_many(to_unlock)
+            report.locks_released += len(to_unlock)
+            log.warning("reconciler unlocked %d hold(s) of checkouts that never committed", len(to_unlock))
+

@@ -1,0 +1,72 @@
+--[[
+  Reserve units of one variant as a hold with a TTL, or change the size of a live hold.
+  Lapsed holds of the variant are reclaimed first, so stock comes back even with no listener or sweeper.
+  All-or-nothing: every check runs before the first write.
+
+  KEYS[1] stock:{v}   hash available, reserved, version, ...
+  KEYS[2] holds:{v}   hash hold id -> packed hold
+  KEYS[3] hexp:{v}    zset hold id -> expiry ms
+  KEYS[4] cust:{v}    hash user -> units held plus ordered
+  KEYS[5] ht:{v}:<id> timer key (TTL only, raises the `expired` event)
+  ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
+  ARGV[6] mode: "add" (hold qty += qty) | "set" (hold qty = qty; 0 removes the hold)
+  ARGV[7] per-customer limit (0 = none)   ARGV[8] gen for a fresh hold
+
+  Returns:
+    {1, available_after, hold_qty, exp_ms, gen}   reserved (hold_qty 0: hold removed)
+    {-1}                   counters missing: rebuild from the database, then call again
+    {-2, available}        insufficient stock
+    {-3, already}          per-customer limit: `already` units held or ordered
+    {-4}                   hold is locked by a checkout in progress
+]]
+--@include holds
+
+local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local holdId, qty, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+
+if redis.call("EXISTS", stockKey) == 0 then return {-1} end
+
+reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, 20)
+
+local h = unpackHold(redis.call("HGET", holdsKey, holdId))
+if h and h.state == "l" then return {-4} end
+if h and h.exp <= now then
+  -- lapsed but not reclaimed above (more than 20 were due): drop it now
+  dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
+  h = nil
+end
+
+local current = 0
+if h then current = h.qty end
+local target = qty
+if mode == "add" then target = current + qty end
+local need = target - current
+
+local available = counter(stockKey, "available")
+if need > 0 and available < need then return {-2, available} end
+if limit > 0 and need > 0 then
+  local already = tonumber(redis.call("HGET", custKey, user) or "0")
+  if already + need > limit then return {-3, already} end
+end
+
+-- writes
+if need ~= 0 then
+  available = redis.call("HINCRBY", stockKey, "available", -need)
+  redis.call("HINCRBY", stockKey, "reserved", need)
+  local left = redis.call("HINCRBY", custKey, user, need)
+  if left <= 0 then redis.call("HDEL", custKey, user) end
+end
+if target == 0 then
+  redis.call("HDEL", holdsKey, holdId)
+  redis.call("ZREM", expKey, holdId)
+  redis.call("DEL", timerKey)
+  return {1, available, 0, 0, ""}
+end
+local exp = now + ttl
+local gen = freshGen
+if h then gen = h.gen end
+redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
+redis.call("ZADD", expKey, exp, holdId)
+redis.call("SET", timerKey, "1", "PX", ttl)
+return {1, available, target, exp, gen}
