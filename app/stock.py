@@ -317,6 +317,26 @@ class StockEngine:
             out.append(released)
         return out
 
+    def release_lapsed(self, holds: Sequence[tuple[int, str]], now: int | None = None) -> list[tuple[int, int]]:
+        """Release holds whose expiry time has passed (the listener's path).
+
+        Returns per hold (units released, expiry ms when the hold is not yet due else 0): a timer
+        can fire a little before this process's clock reaches the expiry, and the caller retries then.
+        """
+        now = clock.now_ms() if now is None else now
+        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, "expired", ""])
+                 for vid, hid in holds]
+        out = []
+        for res in (self._run(calls) if calls else []):
+            if res[0] == 1:
+                HOLDS.labels("expired").inc()
+                out.append((int(res[1]), 0))
+            elif res[0] == -1:
+                out.append((0, int(res[1])))
+            else:
+                out.append((0, 0))
+        return out
+
     def holds(self, pairs: Sequence[tuple[int, str]]) -> list[HoldView | None]:
         """The current state of each (variant_id, hold_id): None when there is no such hold."""
         if not pairs:
