@@ -42,6 +42,13 @@ class Container:
 
         return StockEngine(self.redis, self.sessions, self.settings)
 
+    @cached_property
+    def pricing(self):
+        """Rules CRUD and the price of a line (app.services.pricing.PricingService)."""
+        from app.services.pricing import PricingService
+
+        return PricingService(self.sessions, self.redis, self.settings)
+
     def close(self) -> None:
         if "db" in self.__dict__:
             self.db.dispose()
