@@ -1,0 +1,23 @@
+FROM python:3.11-slim
+
+# The service reads lua/ and wsgi.py beside its packages: PYTHONPATH runs it from the source tree,
+# while `pip install .` brings the dependencies and the `inventory` command.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/srv/inventory
+
+WORKDIR /srv/inventory
+COPY setup.cfg pyproject.toml README.md ./
+COPY app ./app
+COPY persistence ./persistence
+COPY jobs ./jobs
+COPY lua ./lua
+COPY wsgi.py ./
+RUN pip install . \
+    && useradd --system --create-home --uid 10001 inventory
+
+USER inventory
+EXPOSE 8000
+CMD ["gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"]

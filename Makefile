@@ -1,0 +1,33 @@
+# The two commands: `make run` (the whole stack on embedded defaults) and `make test`.
+# Needs only Python 3.11+ and GNU make; everything else goes into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# DATABASE_URL and REDIS_URL pass through from the environment (make exports what it inherited):
+# set, the tests and `make run` use those stores; unset, an embedded Redis and SQLite.
+
+.PHONY: run test clean venv
+
+run: $(STAMP)
+	exec $(BIN)/inventory run
+
+test: $(STAMP)
+	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the package definition changed since the last install.
+$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf var .pytest_cache .hypothesis build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
