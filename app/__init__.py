@@ -32,6 +32,11 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
     )
     app.extensions["container"] = container
+    if settings.fault_pause_at:
+        from app import faults
+
+        faults.configure(settings.fault_pause_at, settings.fault_pause_file)
+        log.warning("fault point armed: the process stops at %s", settings.fault_pause_at)
 
     from app.api import register_api
 

@@ -35,6 +35,9 @@ class Settings:
     checkout_grace_seconds: int = 120
     max_body_bytes: int = 64 * 1024
     log_level: str = "INFO"
+    # Test-only: stop at a named fault point (app/faults.py). Ignored in production.
+    fault_pause_at: str = ""
+    fault_pause_file: str = ""
 
     @property
     def production(self) -> bool:
@@ -142,6 +145,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
         checkout_grace_seconds=_int(env, "CHECKOUT_GRACE_SECONDS", 120, 1, 24 * 3600),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, 1024, 64 * 1024 * 1024),
         log_level=log_level,
+        fault_pause_at="" if app_env == "production" else (env.get("FAULT_PAUSE_AT") or "").strip(),
+        fault_pause_file=(env.get("FAULT_PAUSE_FILE") or "").strip(),
     )
     if overrides:
         settings = replace(settings, **overrides)

@@ -1,6 +1,172 @@
-"""cart endpoints (API.md)."""
+"""Cart endpoints (API.md, Cart): add, get, change, remove, checkout."""
 from __future__ import annotations
 
-from app.api.base import Blueprint
+import re
 
-blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="cart")
+import marshmallow as ma
+from flask import jsonify, request
+from marshmallow import fields, validate
+
+from app.api.base import Blueprint, Id, Money, Quantity
+from app.api.context import container
+from app.errors import ValidationFailed
+from app.services import checkout as checkout_service
+from app.services.cart import CartService, canonical_user
+from app.services.idempotency import run_once
+
+blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_SECURED = {"security": [{"bearer": []}],
+            "parameters": [{"in": "header", "name": "Idempotency-Key", "required": False,
+                            "schema": {"type": "string", "maxLength": 255},
+                            "description": "A retry with the same key returns the first result"}]}
+
+
+class UserIdField(fields.Field):
+    """An integer, or 1-64 characters of [A-Za-z0-9_.-]."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return canonical_user(value)
+        except ValidationFailed:
+            raise ma.ValidationError("An integer, or 1-64 characters of [A-Za-z0-9_.-].") from None
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value
+
+
+class AddSchema(ma.Schema):
+    user_id = UserIdField(required=True, metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    variant_id = Id(required=True)
+    quantity = Quantity(required=True)
+    user_tier = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9_\-]{1,32}$"), allow_none=True)
+    price = Money(allow_none=True)
+
+
+class ChangeSchema(ma.Schema):
+    quantity = Quantity(required=True)
+
+
+class CheckoutSchema(ma.Schema):
+    pass
+
+
+class ItemSchema(ma.Schema):
+    id = fields.String()
+    variant_id = fields.Integer()
+    sku = fields.String()
+    quantity = fields.Integer()
+    unit_price = fields.String(metadata={"example": "470.25"})
+    line_total = fields.String()
+    status = fields.String(validate=validate.OneOf(["held", "expired"]))
+    reserved_until = fields.String(metadata={"format": "date-time"})
+
+
+class CartSchema(ma.Schema):
+    user_id = fields.Raw(metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    items = fields.List(fields.Nested(ItemSchema))
+    subtotal = fields.String()
+    expires_at = fields.String(allow_none=True, metadata={"format": "date-time"})
+
+
+class ItemAndCartSchema(ma.Schema):
+    item = fields.Nested(ItemSchema)
+    cart = fields.Nested(CartSchema)
+
+
+class OrderItemSchema(ma.Schema):
+    variant_id = fields.Integer()
+    sku = fields.String()
+    quantity = fields.Integer()
+    unit_price = fields.String()
+    line_total = fields.String()
+
+
+class OrderSchema(ma.Schema):
+    id = fields.Integer()
+    user_id = fields.Raw(metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    status = fields.String()
+    items = fields.List(fields.Nested(OrderItemSchema))
+    total = fields.String()
+    created_at = fields.String(metadata={"format": "date-time"})
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ValidationFailed("Request has invalid fields",
+                               {"Idempotency-Key": ["1-255 printable characters without spaces."]})
+    return key
+
+
+def _reply(status: int, body: dict):
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+# The views return finished responses: the services build the JSON of API.md, and the schemas
+# above document it (and validate it in tests) without a second serialisation on the hot path.
+
+@blp.route("/add/", methods=["POST"])
+@blp.arguments(AddSchema)
+@blp.response(201, ItemAndCartSchema)
+@blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
+@blp.alt_response(409, description="price_changed")
+@blp.doc(summary="Reserve units and add them to the cart (merging into an existing line)", **_SECURED)
+def add(body):
+    c = container()
+    service = CartService(c)
+
+    def do():
+        return 201, service.add(body["user_id"], body["variant_id"], body["quantity"], body.get("user_tier"),
+                                body.get("price"))
+
+    return _reply(*run_once(c.redis, "add", body["user_id"], _idempotency_key(), do))
+
+
+@blp.route("/<string(maxlength=200):user_id>/", methods=["GET"])
+@blp.response(200, CartSchema)
+@blp.doc(summary="A customer's cart; lapsed lines show as expired", security=[{"bearer": []}])
+def get_cart(user_id):
+    return _reply(200, CartService(container()).get_cart(user_id))
+
+
+@blp.route("/<string(maxlength=200):item_id>/", methods=["PATCH"])
+@blp.arguments(ChangeSchema)
+@blp.response(200, ItemAndCartSchema)
+@blp.doc(summary="Change a line's quantity (re-reserves, re-prices, renews the hold)", security=[{"bearer": []}])
+def change(body, item_id):
+    return _reply(200, CartService(container()).change_quantity(item_id, body["quantity"]))
+
+
+@blp.route("/<string(maxlength=200):item_id>/", methods=["DELETE"])
+@blp.response(204)
+@blp.doc(summary="Remove a line; its units go back to stock at once", security=[{"bearer": []}])
+def remove(item_id):
+    CartService(container()).remove(item_id)
+    return "", 204
+
+
+@blp.route("/<string(maxlength=200):user_id>/checkout/", methods=["POST"])
+@blp.arguments(CheckoutSchema, required=False)
+@blp.response(201, OrderSchema)
+@blp.alt_response(400, description="empty_cart")
+@blp.alt_response(410, description="reservation_expired")
+@blp.doc(summary="Commit every held line as one order, all-or-nothing", **_SECURED)
+def checkout(_body, user_id):
+    c = container()
+    user = canonical_user(user_id)
+    key = _idempotency_key()
+
+    def do():
+        return 201, checkout_service.checkout(c, user, key)
+
+    def durable():
+        found = checkout_service.recorded_checkout(c, user, key)
+        return (201, found) if found is not None else None
+
+    return _reply(*run_once(c.redis, "checkout", user, key, do, durable))

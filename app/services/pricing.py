@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import catalog_cache, keys, pricing
-from app.clock import utcnow
+from app.clock import now_ms, utcnow
 from app.errors import NotFound, ValidationFailed
 from persistence.models import Category, PricingRule, Product, Variant
 
@@ -291,9 +291,18 @@ class PricingService:
         raw = self.redis.get(keys.catalog_version())
         return int(raw) if raw is not None else None
 
+    def start_catalog_version(self) -> int:
+        """Create the version key when it is missing (fresh or emptied Redis), so the cache works
+        from the first request. It starts at the clock in ms, not 0, so a Redis that lost the key
+        does not count back up through numbers an older cache was keyed by."""
+        self.redis.set(keys.catalog_version(), now_ms(), nx=True)
+        return int(self.redis.get(keys.catalog_version()))
+
     def _current_snapshot(self, version: Optional[int]) -> _Snapshot:
         if version is None:
             version = self.read_catalog_version()
+        if version is None:
+            version = self.start_catalog_version()
         with self._lock:
             snapshot = self._snapshot
             if snapshot.fresh_for(version):

@@ -1,0 +1,221 @@
+"""The cart: every line is a hold (app.stock), priced once when it is added (a price snapshot).
+
+Add-to-cart is the hot path of a flash sale: three round trips to Redis (read, reserve, write) and
+none to the database once the catalog cache is warm. Stock and carts live in different hash slots,
+so the hold is taken first and the line written second: a crash in between leaves a hold with no
+line, which simply lapses (DESIGN.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from app import clock, keys
+from app.composition import Container
+from app.errors import NotFound, PriceChanged, ProductNotActive, ValidationFailed
+from app.stock import hold_id_for, parse_hold_id, unpack_hold
+
+log = logging.getLogger(__name__)
+
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+CENTS = Decimal("0.01")
+
+
+def canonical_user(user_id: Any) -> str:
+    """The one string form of a user id (101 and "101" are the same customer)."""
+    if isinstance(user_id, bool):
+        raise ValidationFailed("Request has invalid fields", {"user_id": ["Not a valid user id."]})
+    if isinstance(user_id, int):
+        if user_id < 0 or user_id >= 10**18:
+            raise ValidationFailed("Request has invalid fields", {"user_id": ["Not a valid user id."]})
+        return str(user_id)
+    if isinstance(user_id, str) and USER_ID_RE.match(user_id):
+        return user_id
+    raise ValidationFailed("Request has invalid fields",
+                           {"user_id": ["An integer, or 1-64 characters of [A-Za-z0-9_.-]."]})
+
+
+def render_user(user: str) -> int | str:
+    """Digits render as the integer a client most likely sent."""
+    if user.isdigit() and (user == "0" or not user.startswith("0")) and len(user) < 19:
+        return int(user)
+    return user
+
+
+def money(value: Decimal) -> str:
+    return format(Decimal(value).quantize(CENTS), "f")
+
+
+@dataclass
+class Line:
+    """A cart line as stored in the cart hash (compact JSON)."""
+
+    item_id: str
+    variant_id: int
+    sku: str
+    quantity: int
+    unit_price: Decimal
+    expires_ms: int
+    gen: str
+    tier: str | None = None
+
+    def dumps(self) -> str:
+        body = {"v": self.variant_id, "s": self.sku, "q": self.quantity, "p": money(self.unit_price),
+                "e": self.expires_ms, "g": self.gen}
+        if self.tier:
+            body["t"] = self.tier
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, item_id: str, raw: str) -> "Line":
+        d = json.loads(raw)
+        return cls(item_id, int(d["v"]), d["s"], int(d["q"]), Decimal(d["p"]), int(d["e"]), d["g"], d.get("t"))
+
+
+def _line_is_live(line: Line, hold, now: int) -> bool:
+    return hold is not None and hold.gen == line.gen and hold.expires_ms > now
+
+
+def item_json(line: Line, held: bool) -> dict:
+    return {
+        "id": line.item_id,
+        "variant_id": line.variant_id,
+        "sku": line.sku,
+        "quantity": line.quantity,
+        "unit_price": money(line.unit_price),
+        "line_total": money(line.unit_price * line.quantity),
+        "status": "held" if held else "expired",
+        "reserved_until": clock.ms_to_iso(line.expires_ms),
+    }
+
+
+def cart_json(user: str, lines: list[Line], live: dict[str, bool]) -> dict:
+    items = [item_json(line, live[line.item_id]) for line in sorted(lines, key=lambda l: l.item_id)]
+    held = [line for line in lines if live[line.item_id]]
+    subtotal = sum((line.unit_price * line.quantity for line in held), Decimal("0"))
+    expires = min((line.expires_ms for line in held), default=None)
+    return {"user_id": render_user(user), "items": items, "subtotal": money(subtotal),
+            "expires_at": clock.ms_to_iso(expires)}
+
+
+class CartService:
+    def __init__(self, container: Container):
+        self.c = container
+        self.redis = container.redis
+        self.engine = container.stock
+        self.pricing = container.pricing
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def _lines(self, user: str) -> list[Line]:
+        raw = self.redis.hgetall(keys.cart(user))
+        return [Line.loads(item_id, body) for item_id, body in raw.items()]
+
+    def _liveness(self, lines: list[Line], now: int | None = None) -> dict[str, bool]:
+        now = clock.now_ms() if now is None else now
+        holds = self.engine.holds([(line.variant_id, line.item_id) for line in lines])
+        return {line.item_id: _line_is_live(line, hold, now) for line, hold in zip(lines, holds)}
+
+    def get_cart(self, user_id: Any) -> dict:
+        user = canonical_user(user_id)
+        lines = self._lines(user)
+        return cart_json(user, lines, self._liveness(lines))
+
+    # -- add ----------------------------------------------------------------------------------------
+
+    def add(self, user_id: Any, variant_id: int, quantity: int, user_tier: str | None = None,
+            shown_price: Decimal | None = None) -> dict:
+        """Reserve `quantity` more units of a variant for a customer and snapshot the unit price.
+
+        Raises:
+            NotFound, ProductNotActive, PriceChanged, InsufficientStock, LimitExceeded, CheckoutInProgress.
+        """
+        user = canonical_user(user_id)
+        tier = user_tier.upper() if user_tier else None
+        item_id = hold_id_for(variant_id, user)
+        now = clock.now_ms()
+
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.catalog_version())
+        pipe.hget(keys.holds(variant_id), item_id)
+        pipe.hgetall(keys.cart(user))
+        raw_version, raw_hold, raw_cart = pipe.execute()
+        version = int(raw_version) if raw_version is not None else None
+
+        info = self.pricing.variant_info(variant_id, catalog_version=version)
+        if info.product_status != "active":
+            raise ProductNotActive(f"Product {info.product_id} is not active", {"product_id": info.product_id,
+                                                                              "status": info.product_status})
+        lines = {item: Line.loads(item, body) for item, body in raw_cart.items()}
+        existing = lines.get(item_id)
+        hold = unpack_hold(raw_hold)
+        current = hold.quantity if existing and hold and _line_is_live(existing, hold, now) else 0
+        quote = self.pricing.price(info.product_id, variant_id, current + quantity, tier,
+                                   catalog_version=version)
+        if shown_price is not None and shown_price.quantize(CENTS) != quote.unit_price:
+            raise PriceChanged(
+                f"The price is now {money(quote.unit_price)}, not {money(shown_price)}",
+                {"current_price": money(quote.unit_price), "price": money(shown_price),
+                 "variant_id": variant_id},
+            )
+
+        reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now)
+        if reservation.quantity != current + quantity:
+            # the hold changed under us (a concurrent add by the same customer): price what is held
+            quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
+                                       catalog_version=version)
+        line = Line(item_id, variant_id, info.sku, reservation.quantity, quote.unit_price,
+                    reservation.expires_ms, reservation.gen, tier)
+        lines[item_id] = line
+
+        others = [l for l in lines.values() if l.item_id != item_id]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.cart(user), item_id, line.dumps())
+        for other in others:
+            pipe.hget(keys.holds(other.variant_id), other.item_id)
+        results = pipe.execute()
+        live = {item_id: True}
+        for other, raw in zip(others, results[1:]):
+            live[other.item_id] = _line_is_live(other, unpack_hold(raw), now)
+        return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
+
+    # -- change / remove --------------------------------------------------------------------------
+
+    def _find(self, item_id: str) -> tuple[str, Line]:
+        parsed = parse_hold_id(item_id)
+        if parsed is None:
+            raise NotFound("cart item", item_id)
+        variant_id, user = parsed
+        if not USER_ID_RE.match(user):
+            raise NotFound("cart item", item_id)
+        raw = self.redis.hget(keys.cart(user), item_id)
+        if raw is None:
+            raise NotFound("cart item", item_id)
+        return user, Line.loads(item_id, raw)
+
+    def change_quantity(self, item_id: str, quantity: int) -> dict:
+        """Make a line `quantity` units: reserves or returns the difference, renews the hold, re-prices."""
+        user, line = self._find(item_id)
+        version = self.pricing.read_catalog_version()
+        info = self.pricing.variant_info(line.variant_id, catalog_version=version)
+        if info.product_status != "active":
+            raise ProductNotActive(f"Product {info.product_id} is not active",
+                                   {"product_id": info.product_id, "status": info.product_status})
+        quote = self.pricing.price(info.product_id, line.variant_id, quantity, line.tier, catalog_version=version)
+        reservation = self.engine.reserve(line.variant_id, user, quantity, mode="set")
+        line = Line(item_id, line.variant_id, line.sku, reservation.quantity, quote.unit_price,
+                    reservation.expires_ms, reservation.gen, line.tier)
+        self.redis.hset(keys.cart(user), item_id, line.dumps())
+        lines = self._lines(user)
+        return {"item": item_json(line, True), "cart": cart_json(user, lines, self._liveness(lines))}
+
+    def remove(self, item_id: str) -> None:
+        """Remove a line and give its units back at once."""
+        user, line = self._find(item_id)
+        # release first: a crash before the line is deleted leaves a line shown as expired
+        self.engine.release(line.variant_id, item_id, gen=line.gen)
+        self.redis.hdel(keys.cart(user), item_id)
