@@ -42,6 +42,19 @@ def create_app(settings: Settings | None = None, container: Container | None = N
 
     register_api(app)
 
+    _enable_expiry_events(container)
     if not settings.auth_enabled:
         log.warning("API_KEYS is empty: authentication is OFF (development mode only)")
     return app
+
+
+def _enable_expiry_events(container: Container) -> None:
+    """Turn on keyspace expiry events where the server allows CONFIG; never fail start-up over it
+    (Redis may be down now and the listener retries; the sweeper is the guarantee)."""
+    from jobs.listener import ensure_expired_events
+
+    try:
+        ensure_expired_events(container.redis)
+    except Exception as exc:  # noqa: BLE001 - Redis unreachable at start
+        log.warning("could not check notify-keyspace-events now (%s); the listener will retry",
+                    type(exc).__name__)

@@ -1,0 +1,71 @@
+"""Settings: read from the environment in one place, validated with a one-line reason."""
+import pytest
+
+from app.settings import SettingsError, load_settings, parse_api_keys, redact_url
+
+
+def test_defaults_are_those_of_the_contract():
+    s = load_settings({})
+    assert s.app_env == "development"
+    assert s.hold_ttl_seconds == 900
+    assert s.sweep_interval_seconds == 30
+    assert s.reconcile_interval_seconds == 300
+    assert s.pricing_stacking == "multiplicative"
+    assert s.max_units_per_customer == 0
+    assert s.currency == "USD"
+    assert s.port == 8000
+    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("var/inventory.db")
+    assert not s.auth_enabled
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"HOLD_TTL_SECONDS": "ten"}, "HOLD_TTL_SECONDS must be an integer"),
+    ({"HOLD_TTL_SECONDS": "0"}, "HOLD_TTL_SECONDS must be between"),
+    ({"PORT": "70000"}, "PORT must be between"),
+    ({"PRICING_STACKING": "sideways"}, "PRICING_STACKING must be"),
+    ({"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER must be 0 or 1"),
+    ({"APP_ENV": "staging"}, "APP_ENV must be"),
+    ({"CURRENCY": "dollars"}, "CURRENCY must be"),
+    ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with"),
+    ({"DATABASE_URL": "not a url"}, "DATABASE_URL must be"),
+    ({"API_KEYS": "root:abcdefgh12"}, "API_KEYS entries"),
+    ({"API_KEYS": "admin:short"}, "API_KEYS: each key"),
+    ({"MAX_UNITS_PER_CUSTOMER": "-1"}, "MAX_UNITS_PER_CUSTOMER must be"),
+])
+def test_a_bad_value_is_refused_with_a_one_line_reason(env, fragment):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_production_refuses_to_start_without_keys():
+    env = {"APP_ENV": "production", "DATABASE_URL": "postgresql://u@db/x", "REDIS_URL": "redis://r:6379/0"}
+    with pytest.raises(SettingsError, match="needs API_KEYS"):
+        load_settings(env)
+    assert load_settings({**env, "API_KEYS": "admin:k3y-for-admin"}).production
+
+
+def test_production_refuses_the_embedded_defaults():
+    keys = {"APP_ENV": "production", "API_KEYS": "admin:k3y-for-admin"}
+    with pytest.raises(SettingsError, match="DATABASE_URL"):
+        load_settings({**keys, "REDIS_URL": "redis://r:6379/0"})
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        load_settings({**keys, "DATABASE_URL": "postgresql://u@db/x"})
+
+
+def test_production_ignores_fault_points():
+    env = {"APP_ENV": "production", "API_KEYS": "admin:k3y-for-admin", "DATABASE_URL": "postgresql://u@db/x",
+           "REDIS_URL": "redis://r:6379/0", "FAULT_PAUSE_AT": "checkout.after_lock"}
+    assert load_settings(env).fault_pause_at == ""
+
+
+def test_api_keys_map_each_key_to_its_role():
+    keys = parse_api_keys("admin:aaaaaaaa1, storefront:bbbbbbbb2,storefront:cccccccc3")
+    assert keys == {"aaaaaaaa1": "admin", "bbbbbbbb2": "storefront", "cccccccc3": "storefront"}
+
+
+def test_passwords_are_redacted_for_logs():
+    assert redact_url("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
+    assert "s3cret" not in redact_url("redis://:s3cret@r:6379/0")
