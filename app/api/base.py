@@ -78,11 +78,17 @@ def Quantity(**kw) -> fields.Integer:
 
 
 class Money(fields.Decimal):
-    """A money amount: in as a decimal string or number with at most two places, out as "550.00"."""
+    """A money amount: in as a decimal string or number with at most two places, out as "550.00".
+
+    Not below zero unless a `validate` is given (price_adjustment may be negative); the bound is
+    checked here rather than with validate.Range so the OpenAPI type stays a plain string.
+    """
 
     def __init__(self, **kw):
-        kw.setdefault("validate", validate.Range(0, None))
-        super().__init__(places=None, as_string=True, allow_nan=False, **kw)
+        self._non_negative = "validate" not in kw
+        metadata = {"type": "string", "pattern": r"^-?\d{1,10}(\.\d{1,2})?$", "example": "550.00",
+                    **kw.pop("metadata", {})}
+        super().__init__(places=None, as_string=True, allow_nan=False, metadata=metadata, **kw)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or isinstance(value, float):
@@ -91,10 +97,14 @@ class Money(fields.Decimal):
                 raise ma.ValidationError("Not a valid money amount; send a decimal string such as \"9.99\".")
             value = repr(value)
         result = super()._deserialize(value, attr, data, **kwargs)
+        if not result.is_finite():
+            raise ma.ValidationError("Not a valid money amount.")
         if result.as_tuple().exponent < -2:
             raise ma.ValidationError("Money has at most two decimal places.")
-        if result > type(result)(MAX_MONEY):
+        if abs(result) > type(result)(MAX_MONEY):
             raise ma.ValidationError(f"Money must be at most {MAX_MONEY}.")
+        if self._non_negative and result < 0:
+            raise ma.ValidationError("Money must not be negative.")
         return result.quantize(type(result)("0.01"))
 
     def _serialize(self, value, attr, obj, **kwargs):
