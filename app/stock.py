@@ -398,8 +398,10 @@ class StockEngine:
         """Release every lapsed hold, found through the sweep index (variants scored by earliest expiry)."""
         report = SweepReport()
         index = keys.sweep_index()
+        # One time for the whole sweep, so a variant re-added for later (below) is not due again
+        # in a later round of this same sweep.
+        now_ = clock.now_ms() if now is None else now
         for _ in range(max_rounds):
-            now_ = clock.now_ms() if now is None else now
             due = self.redis.zrangebyscore(index, "-inf", now_, start=0, num=batch)
             if not due:
                 break
@@ -416,7 +418,9 @@ class StockEngine:
                 if int(count) >= SWEEP_SCRIPT_LIMIT:
                     readd[v] = now_  # more are due: come back in this same sweep
                 elif int(earliest) >= 0:
-                    readd[v] = int(earliest)
+                    # An earliest expiry already past belongs to a locked hold the script must leave:
+                    # look again next sweep, not in this one (or every round would pick it up again).
+                    readd[v] = max(int(earliest), now_ + 1)
             if readd:
                 self._run([self._cmd("zadd", index, readd, lt=True)])
             if len(due) < batch and not any(score <= now_ for score in readd.values()):
@@ -510,7 +514,7 @@ class StockEngine:
             self._run([self._cmd("zadd", keys.sweep_index(), index_hints, lt=True)])
         if stale:
             if not dry_run:
-                self._resolve_stale_locks(stale, report)
+                self._resolve_stale_locks(stale, report, now_)
             redo_ids = [vid for vid, _ in stale]
             with self.sessions() as s:
                 fresh = [tuple(r) for r in s.execute(
@@ -518,7 +522,7 @@ class StockEngine:
                     .order_by(Stock.variant_id))]
             self._reconcile_batch(fresh, report, dry_run, now, grace, second_pass=True)
 
-    def _resolve_stale_locks(self, stale: list[tuple[int, list]], report: ReconcileReport) -> None:
+    def _resolve_stale_locks(self, stale: list[tuple[int, list]], report: ReconcileReport, now: int) -> None:
         """A checkout that crashed after locking: finalize if its order exists, else unlock."""
         locks = []
         for vid, flat in stale:
@@ -537,7 +541,7 @@ class StockEngine:
             log.warning("reconciler finalized %d hold(s) of checkouts that committed but did not finish",
                         len(to_finalize))
         if to_unlock:
-            self.unlock_many(to_unlock)
+            self.unlock_many(to_unlock, now=now)  # the reconcile's own time: a lapsed hold is released
             report.locks_released += len(to_unlock)
             log.warning("reconciler unlocked %d hold(s) of checkouts that never committed", len(to_unlock))
 

@@ -18,10 +18,12 @@ local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3],
 local holdId, now, mode, gen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 local h = unpackHold(redis.call("HGET", holdsKey, holdId))
-if not h or (gen ~= "" and h.gen ~= gen) then
+if not h then
   redis.call("ZREM", expKey, holdId)
   return {0, 0}
 end
+-- Another generation lives under this id: its expiry entry is its own, so it stays indexed.
+if gen ~= "" and h.gen ~= gen then return {0, 0} end
 if h.state == "l" then return {-2, 0} end
 if mode == "expired" and h.exp > now then return {-1, h.exp} end
 dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
