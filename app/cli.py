@@ -166,7 +166,6 @@ def status() -> None:
     """Show the stores, the queue and a summary of stock."""
     from sqlalchemy import func, select, text
 
-    from app import keys
     from persistence.models import Stock
 
     c = _container()
@@ -186,7 +185,7 @@ def status() -> None:
         click.echo(f"database     DOWN ({type(exc).__name__})")
     try:
         c.redis.ping()
-        due = c.redis.zcard(keys.sweep_index())
+        due = c.stock.variants_with_holds()
         from rq import Queue
 
         from jobs.scheduler import rq_connection

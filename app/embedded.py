@@ -115,3 +115,76 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class EmbeddedCluster:
+    """A Redis Cluster of `size` primaries (no replicas) on loopback ports, for tests and benchmarks.
+
+    Ports are at most 55535: each node's cluster bus listens on its port + 10000.
+    """
+
+    def __init__(self, directory: str | Path, size: int = 3, base_port: int | None = None):
+        self.directory = Path(directory)
+        self.size = size
+        self.ports = self._pick_ports(base_port)
+        self.nodes = [
+            EmbeddedRedis(self.directory / f"node-{port}", port=port,
+                          extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", "2000"])
+            for port in self.ports
+        ]
+
+    def _pick_ports(self, base_port: int | None) -> list[int]:
+        if base_port:
+            return [base_port + i for i in range(self.size)]
+        ports: list[int] = []
+        while len(ports) < self.size:
+            port = free_port()
+            if port <= 55535 and _port_free(port + 10000) and port not in ports:
+                ports.append(port)
+        return ports
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedCluster":
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or str(Path(find_redis_server()).with_name("redis-cli"))
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        import redis
+
+        while time.monotonic() < deadline:
+            states = []
+            for port in self.ports:
+                info = redis.Redis(port=port, decode_responses=True).cluster("INFO")
+                text = info if isinstance(info, str) else "\n".join(f"{k}:{v}" for k, v in info.items())
+                states.append("cluster_state:ok" in text)
+            if all(states):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("embedded cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

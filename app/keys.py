@@ -51,9 +51,51 @@ def parse_hold_timer(key: str) -> tuple[int, str] | None:
     return int(vid), hold_id
 
 
-def sweep_index() -> str:
-    """Sorted set: variant id scored by the earliest expiry of its holds (a hint for the sweeper)."""
-    return f"{PREFIX}sweep-index"
+SLOTS = 16384
+_slot_tags: list[str] | None = None
+
+
+def _tags() -> list[str]:
+    """For every cluster hash slot, a short tag that hashes to it (computed once per process, ~0.1 s)."""
+    global _slot_tags
+    if _slot_tags is None:
+        import binascii
+
+        tags: list[str | None] = [None] * SLOTS
+        left, i = SLOTS, 0
+        while left:
+            raw = b"%x" % i
+            slot = binascii.crc_hqx(raw, 0) & (SLOTS - 1)
+            if tags[slot] is None:
+                tags[slot] = raw.decode()
+                left -= 1
+            i += 1
+        _slot_tags = tags  # type: ignore[assignment]
+    return _slot_tags  # type: ignore[return-value]
+
+
+def variant_slot(variant_id: int) -> int:
+    import binascii
+
+    return binascii.crc_hqx(f"v{int(variant_id)}".encode(), 0) & (SLOTS - 1)
+
+
+def sweep_index(variant_id: int) -> str:
+    """Sorted set of the variants with holds in one hash slot, scored by their earliest expiry.
+
+    It lives in the variant's own slot (its tag hashes there), so the reserve, sweep and reconcile
+    scripts keep it exact inside their one atomic step, on a single Redis and on a cluster alike.
+    """
+    return sweep_index_of_slot(variant_slot(variant_id))
+
+
+def sweep_index_of_slot(slot: int) -> str:
+    return f"{PREFIX}sweep:{{{_tags()[slot]}}}"
+
+
+def sweep_indexes() -> list[str]:
+    """Every slot's sweep index: the sweeper reads them all (16,384 cheap reads, pipelined)."""
+    return [sweep_index_of_slot(slot) for slot in range(SLOTS)]
 
 
 def cart(user_id: str) -> str:

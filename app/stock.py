@@ -111,6 +111,7 @@ class ReconcileReport:
     drifted: int = 0
     repaired: int = 0
     skipped: int = 0
+    rebuilt: int = 0
     locks_finalized: int = 0
     locks_released: int = 0
     rows: list[dict] = field(default_factory=list)
@@ -119,7 +120,7 @@ class ReconcileReport:
     def as_dict(self) -> dict:
         return {
             "checked": self.checked, "drifted": self.drifted, "repaired": self.repaired,
-            "skipped": self.skipped, "locks_finalized": self.locks_finalized,
+            "skipped": self.skipped, "rebuilt": self.rebuilt, "locks_finalized": self.locks_finalized,
             "locks_released": self.locks_released, "rows": self.rows,
         }
 
@@ -185,7 +186,8 @@ class StockEngine:
         for call in calls:
             if call[0] == "script":
                 _, name, ks, args = call
-                pipe.evalsha(self._sha[name], len(ks), *ks, *args)
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the latter
+                pipe.execute_command("EVALSHA", self._sha[name], len(ks), *ks, *args)
             else:
                 _, method, args, kwargs = call
                 getattr(pipe, method)(*args, **kwargs)
@@ -251,10 +253,14 @@ class StockEngine:
         results = self._run([self._cmd("hlen", keys.holds(vid)) for vid in ids]) if ids else []
         return {vid: int(n) for vid, n in zip(ids, results)}
 
+    def variants_with_holds(self) -> int:
+        """How many variants have at least one hold (from the sweep indexes of every slot)."""
+        return sum(int(n) for n in self._run([self._cmd("zcard", k) for k in keys.sweep_indexes()]))
+
     def forget(self, variant_id: int) -> None:
         """Drop a deleted variant's counters and holds from Redis."""
         self._run([self._cmd("delete", *self._variant_keys(variant_id)),
-                   self._cmd("zrem", keys.sweep_index(), str(variant_id))])
+                   self._cmd("zrem", keys.sweep_index(variant_id), str(variant_id))])
 
     # -- holds ------------------------------------------------------------------------------------
 
@@ -271,13 +277,9 @@ class StockEngine:
         hold_id = hold_id_for(variant_id, user_id)
         gen = secrets.token_hex(4)
         args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
-        ks = self._variant_keys(variant_id, hold_id)
+        ks = self._variant_keys(variant_id, hold_id) + [keys.sweep_index(variant_id)]
         for _ in range(2):
-            res, _ = self._run([
-                ("script", "reserveHold", ks, args),
-                # the sweeper's index; a hint, so harmless when the reserve was refused
-                self._cmd("zadd", keys.sweep_index(), {str(variant_id): now + ttl}, lt=True),
-            ])
+            res = self._script("reserveHold", ks, args)
             code = res[0]
             if code == 1:
                 HOLDS.labels("reserved").inc()
@@ -394,37 +396,36 @@ class StockEngine:
 
     # -- expiry -----------------------------------------------------------------------------------
 
-    def sweep(self, now: int | None = None, batch: int = 500, max_rounds: int = 1000) -> SweepReport:
-        """Release every lapsed hold, found through the sweep index (variants scored by earliest expiry)."""
+    def sweep(self, now: int | None = None, batch: int = 500, max_rounds: int = 1000,
+              revisit_ms: int = 1000) -> SweepReport:
+        """Release every lapsed hold. Variants with holds are found through the sweep index of each
+        hash slot (kept exact by the reserve, sweep and reconcile scripts), so this works the same on
+        one Redis and on every node of a cluster: no KEYS, no SCAN."""
         report = SweepReport()
-        index = keys.sweep_index()
-        # One time for the whole sweep, so a variant re-added for later (below) is not due again
-        # in a later round of this same sweep.
+        indexes = keys.sweep_indexes()
+        # One time for the whole sweep: what a script re-indexes for later is not due again in it.
         now_ = clock.now_ms() if now is None else now
+        slots = list(range(len(indexes)))
         for _ in range(max_rounds):
-            due = self.redis.zrangebyscore(index, "-inf", now_, start=0, num=batch)
+            reads = self._run([self._cmd("zrangebyscore", indexes[slot], "-inf", now_, start=0, num=batch)
+                               for slot in slots])
+            due = [(slot, int(v)) for slot, members in zip(slots, reads) for v in members]
             if not due:
                 break
-            # Remove before sweeping: a reserve that lands meanwhile re-adds its variant, and the
-            # sweep re-adds what it leaves, so no variant with a hold drops out of the index.
-            self._run([self._cmd("zrem", index, *due)])
-            results = self._run([("script", "sweepHolds", self._variant_keys(int(v)), [now_, SWEEP_SCRIPT_LIMIT])
-                                 for v in due])
-            readd = {}
-            for v, (count, units, earliest, _left) in zip(due, results):
-                report.variants += 1
-                report.holds += int(count)
-                report.units += int(units)
-                if int(count) >= SWEEP_SCRIPT_LIMIT:
-                    readd[v] = now_  # more are due: come back in this same sweep
-                elif int(earliest) >= 0:
-                    # An earliest expiry already past belongs to a locked hold the script must leave:
-                    # look again next sweep, not in this one (or every round would pick it up again).
-                    readd[v] = max(int(earliest), now_ + 1)
-            if readd:
-                self._run([self._cmd("zadd", index, readd, lt=True)])
-            if len(due) < batch and not any(score <= now_ for score in readd.values()):
+            again = {slot for slot, members in zip(slots, reads) if len(members) >= batch}
+            for i in range(0, len(due), 1000):
+                chunk = due[i:i + 1000]
+                results = self._run([("script", "sweepHolds", self._variant_keys(v) + [indexes[slot]],
+                                      [now_, SWEEP_SCRIPT_LIMIT, v, revisit_ms]) for slot, v in chunk])
+                for (slot, _v), (count, units, _earliest, _left) in zip(chunk, results):
+                    report.variants += 1
+                    report.holds += int(count)
+                    report.units += int(units)
+                    if int(count) >= SWEEP_SCRIPT_LIMIT:
+                        again.add(slot)
+            if not again:
                 break
+            slots = sorted(again)
         if report.holds:
             HOLDS.labels("expired").inc(report.holds)
         return report
@@ -477,16 +478,13 @@ class StockEngine:
     def _reconcile_batch(self, rows, report: ReconcileReport, dry_run: bool, now, grace: int,
                          second_pass: bool) -> None:
         now_ = clock.now_ms() if now is None else now
-        calls = [("script", "reconcileStock", self._variant_keys(vid), [on_hand, version, now_, grace,
-                                                                       1 if dry_run else 0])
+        calls = [("script", "reconcileStock", self._variant_keys(vid) + [keys.sweep_index(vid)],
+                  [on_hand, version, now_, grace, 1 if dry_run else 0])
                  for vid, on_hand, version in rows]
         results = self._run(calls)
         stale: list[tuple[int, list]] = []
-        index_hints = {}
         for (vid, on_hand, version), res in zip(rows, results):
             status, available, reserved, exp_available, exp_reserved, earliest, locks = res
-            if int(earliest) >= 0:
-                index_hints[str(vid)] = int(earliest)
             if status == -3 and not second_pass:
                 stale.append((vid, locks))
                 continue
@@ -495,6 +493,11 @@ class StockEngine:
                 report.skipped += 1
                 report.skipped_ids.append(vid)
                 continue
+            if status == 2:
+                report.rebuilt += 1
+                if int(exp_reserved) == 0:
+                    # never built yet (a new variant, a fresh Redis) and nothing held: not drift
+                    continue
             if status in (1, 2):
                 report.drifted += 1
                 if not dry_run:
@@ -510,8 +513,6 @@ class StockEngine:
                 if actual_a == int(exp_available) and actual_r == int(exp_reserved):
                     report.rows.append({"variant_id": vid, "field": "version", "expected": version,
                                         "actual": None})
-        if index_hints and not dry_run:
-            self._run([self._cmd("zadd", keys.sweep_index(), index_hints, lt=True)])
         if stale:
             if not dry_run:
                 self._resolve_stale_locks(stale, report, now_)

@@ -50,9 +50,15 @@ def lock(engine, vid, user, token="tok-1", now=None):
     return engine.lock_many([(vid, hold_id_for(vid, user))], token, now=now)[0]
 
 
+INDEXED = {"reserveHold", "sweepHolds", "reconcileStock"}  # these also keep the slot's sweep index
+
+
 def run(engine, name, vid, args, hold_id=None, n_keys=None):
     ks = StockEngine._variant_keys(vid, hold_id)
-    return engine.scripts[name](keys=ks[:n_keys] if n_keys else ks, args=args)
+    ks = ks[:n_keys] if n_keys else ks
+    if name in INDEXED:
+        ks = ks + [keys.sweep_index(vid)]
+    return engine.scripts[name](keys=ks, args=args)
 
 
 # --- reserve ----------------------------------------------------------------------------------
@@ -382,11 +388,12 @@ def test_sweep_script_releases_at_most_its_limit_and_says_what_is_left(engine, v
     for i in range(5):
         engine.reserve(vid, f"u{i}", 1, now=t0 + i, ttl_ms=1_000)
     engine.reserve(vid, "late", 1, now=t0, ttl_ms=TTL)
-    res = run(engine, "sweepHolds", vid, [t0 + 5_000, 2], n_keys=4)
+    res = run(engine, "sweepHolds", vid, [t0 + 5_000, 2, vid, 1000], n_keys=4)
     assert res == [2, 2, t0 + 1_002, 4]
     assert counts(engine, vid) == (6, 4)
-    assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100], n_keys=4) == [3, 3, t0 + TTL, 1]
-    assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100], n_keys=4) == [0, 0, t0 + TTL, 1]
+    assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100, vid, 1000], n_keys=4) == [3, 3, t0 + TTL, 1]
+    assert engine.redis.zscore(keys.sweep_index(vid), str(vid)) == t0 + TTL  # next expiry indexed
+    assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100, vid, 1000], n_keys=4) == [0, 0, t0 + TTL, 1]
     assert counts(engine, vid) == (9, 1)
 
 

@@ -140,7 +140,7 @@ def fake_engine():
 def test_the_engine_turns_script_replies_into_a_reservation(fake_engine):
     r = fake_engine.reserve(1, "alice", 3, now=1_000, ttl_ms=500)
     assert (r.hold_id, r.quantity, r.expires_ms, r.available) == ("1~alice", 3, 1_500, 7)
-    assert fake_engine.redis.zscore(keys.sweep_index(), "1") == 1_500
+    assert fake_engine.redis.zscore(keys.sweep_index(1), "1") == 1_500
 
 
 def test_the_engine_reloads_its_scripts_when_the_server_forgot_them(fake_engine):

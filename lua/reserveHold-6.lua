@@ -8,6 +8,7 @@
   KEYS[3] hexp:{v}    zset hold id -> expiry ms
   KEYS[4] cust:{v}    hash user -> units held plus ordered
   KEYS[5] ht:{v}:<id> timer key (TTL only, raises the `expired` event)
+  KEYS[6] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
   ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
   ARGV[6] mode: "add" (hold qty += qty) | "set" (hold qty = qty; 0 removes the hold)
   ARGV[7] per-customer limit (0 = none)   ARGV[8] gen for a fresh hold
@@ -18,13 +19,17 @@
     {-2, available}        insufficient stock
     {-3, already}          per-customer limit: `already` units held or ordered
     {-4}                   hold is locked by a checkout in progress
+  Error reply: a negative quantity, or 0 in mode "add".
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stockKey, holdsKey, expKey, custKey, timerKey, indexKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local holdId, qty, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 
+if not qty or qty < 0 or (mode == "add" and qty == 0) or math.floor(qty) ~= qty then
+  return redis.error_reply("quantity must be a whole number, at least 1 (0 allowed in mode set)")
+end
 if redis.call("EXISTS", stockKey) == 0 then return {-1} end
 
 reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, 20)
@@ -69,4 +74,6 @@ if h then gen = h.gen end
 redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
 redis.call("ZADD", expKey, exp, holdId)
 redis.call("SET", timerKey, "1", "PX", ttl)
+-- the variant's id is the tag's number: v<id>
+redis.call("ZADD", indexKey, "LT", exp, string.match(stockKey, "{v(%d+)}"))
 return {1, available, target, exp, gen}

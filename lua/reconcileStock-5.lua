@@ -5,7 +5,7 @@
   trusted when Redis has applied exactly the same database changes (version equal, no adjustment
   half-way). A mismatch that has not moved for grace_ms is taken as a crash and repaired anyway.
 
-  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}
+  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] sweep:{<slot>}
   ARGV[1] on_hand   ARGV[2] db_version   ARGV[3] now_ms   ARGV[4] grace_ms   ARGV[5] dry_run (0|1)
 
   Returns: {status, available, reserved, expected_available, expected_reserved, earliest_expiry,
@@ -17,7 +17,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stockKey, holdsKey, expKey, custKey, indexKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local onHand, dbVersion, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local grace, dryRun = tonumber(ARGV[4]), ARGV[5] == "1"
 
@@ -35,6 +35,10 @@ end
 local expectedAvailable = onHand - reserved
 if expectedAvailable < 0 then expectedAvailable = 0 end
 local earliest = earliestExpiry(expKey)
+if earliest >= 0 and not dryRun then
+  -- the sweep index is a hint the reconciler keeps complete: a variant with holds is always in it
+  redis.call("ZADD", indexKey, "LT", earliest, string.match(stockKey, "{v(%d+)}"))
+end
 if #stale > 0 then
   return {-3, counter(stockKey, "available"), counter(stockKey, "reserved"), expectedAvailable, reserved,
           earliest, stale}

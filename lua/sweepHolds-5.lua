@@ -1,0 +1,28 @@
+--[[
+  Release every held (not locked) hold of one variant whose expiry time has passed, up to a limit,
+  and set the variant's entry in its slot's sweep index to its next expiry (or remove it).
+  Idempotent: what is released once is gone. Timer keys are not touched (they have lapsed too).
+
+  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] sweep:{<slot>}
+  ARGV[1] now_ms   ARGV[2] limit   ARGV[3] variant id   ARGV[4] revisit_ms (for holds locked past expiry)
+
+  Returns: {released holds, released units, earliest expiry left (-1: none), holds left}
+]]
+--@include holds
+
+local stockKey, holdsKey, expKey, custKey, indexKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now, limit, variantId, revisit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+
+local count, units = reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, limit)
+local earliest = earliestExpiry(expKey)
+if earliest < 0 then
+  redis.call("ZREM", indexKey, variantId)
+elseif count >= limit then
+  redis.call("ZADD", indexKey, now, variantId)  -- more are due: the caller comes back
+elseif earliest <= now then
+  -- only holds locked for checkout are past due: look again later, not in this same sweep
+  redis.call("ZADD", indexKey, now + revisit, variantId)
+else
+  redis.call("ZADD", indexKey, earliest, variantId)
+end
+return {count, units, earliest, redis.call("HLEN", holdsKey)}
