@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import flask_smorest
@@ -34,6 +35,25 @@ def flatten_messages(messages: Any) -> dict:
     return messages if isinstance(messages, dict) else {"_schema": messages}
 
 
+_BAD_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _clean_text(value: Any) -> bool:
+    """True when no string in a decoded JSON value (keys included) holds NUL or a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _BAD_TEXT.search(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 class Parser(FlaskParser):
     """JSON only; bad JSON is `bad_json`, a bad field is `validation_error` (400, API.md)."""
 
@@ -46,11 +66,16 @@ class Parser(FlaskParser):
         if not is_json_request(req):
             raise UnsupportedMediaType("Request body must be JSON (Content-Type: application/json)")
         try:
-            return json.loads(data, parse_constant=_reject_constant)
+            value = json.loads(data, parse_constant=_reject_constant)
         except RecursionError:
             raise BadJson("Request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             raise BadJson("Request body is not valid JSON") from None
+        if not _clean_text(value):
+            # "\ud800" and "\u0000" are valid JSON escapes, but neither is text a store can keep:
+            # Postgres refuses both, and a lone surrogate cannot even be encoded as UTF-8.
+            raise BadJson("Request body contains a NUL character or an unpaired surrogate")
+        return value
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):
         raise BadJson("Request body is not valid JSON")
@@ -105,6 +130,8 @@ class Money(fields.Decimal):
             raise ma.ValidationError(f"Money must be at most {MAX_MONEY}.")
         if self._non_negative and result < 0:
             raise ma.ValidationError("Money must not be negative.")
+        if result.is_zero():
+            result = abs(result)  # "-0.00" is zero; never echo a signed zero
         return result.quantize(type(result)("0.01"))
 
     def _serialize(self, value, attr, obj, **kwargs):

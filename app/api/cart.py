@@ -128,26 +128,40 @@ def add(body):
     return _reply(*run_once(c.redis, "add", body["user_id"], _idempotency_key(), do))
 
 
-@blp.route("/<string(maxlength=200):user_id>/", methods=["GET"])
+# GET /api/cart/{user_id}/ and PATCH/DELETE /api/cart/{item_id}/ are one templated path to OpenAPI
+# (and to a router): one path parameter, `ref`, read as a user id by GET and an item id by the others.
+_REF = "/<string(maxlength=200):ref>/"
+_REF_PARAMETER = [{"in": "path", "name": "ref", "required": True,
+                   "description": "user id (GET) or cart item id (PATCH, DELETE)"}]
+
+
+@blp.route(_REF, methods=["GET"], parameters=_REF_PARAMETER)
 @blp.response(200, CartSchema)
-@blp.doc(summary="A customer's cart; lapsed lines show as expired", security=[{"bearer": []}])
-def get_cart(user_id):
-    return _reply(200, CartService(container()).get_cart(user_id))
+@blp.alt_response(400, description="validation_error: not a valid user id")
+@blp.doc(summary="A customer's cart (`ref` is the user id); lapsed lines show as expired",
+         security=[{"bearer": []}])
+def get_cart(ref):
+    return _reply(200, CartService(container()).get_cart(ref))
 
 
-@blp.route("/<string(maxlength=200):item_id>/", methods=["PATCH"])
+@blp.route(_REF, methods=["PATCH"], parameters=_REF_PARAMETER)
 @blp.arguments(ChangeSchema)
 @blp.response(200, ItemAndCartSchema)
-@blp.doc(summary="Change a line's quantity (re-reserves, re-prices, renews the hold)", security=[{"bearer": []}])
-def change(body, item_id):
-    return _reply(200, CartService(container()).change_quantity(item_id, body["quantity"]))
+@blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
+@blp.alt_response(404, description="not_found: no such cart item")
+@blp.doc(summary="Change a line's quantity (`ref` is the item id; re-reserves, re-prices, renews the hold)",
+         security=[{"bearer": []}])
+def change(body, ref):
+    return _reply(200, CartService(container()).change_quantity(ref, body["quantity"]))
 
 
-@blp.route("/<string(maxlength=200):item_id>/", methods=["DELETE"])
+@blp.route(_REF, methods=["DELETE"], parameters=_REF_PARAMETER)
 @blp.response(204)
-@blp.doc(summary="Remove a line; its units go back to stock at once", security=[{"bearer": []}])
-def remove(item_id):
-    CartService(container()).remove(item_id)
+@blp.alt_response(404, description="not_found: no such cart item")
+@blp.doc(summary="Remove a line (`ref` is the item id); its units go back to stock at once",
+         security=[{"bearer": []}])
+def remove(ref):
+    CartService(container()).remove(ref)
     return "", 204
 
 

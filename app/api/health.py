@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
+import marshmallow as ma
 from flask import Response, jsonify
+from marshmallow import fields
 from sqlalchemy import text
 
 from app.api.base import Blueprint
@@ -13,13 +15,30 @@ log = logging.getLogger(__name__)
 blp = Blueprint("ops-health", __name__, description="Health and readiness")
 
 
+class HealthSchema(ma.Schema):
+    status = fields.String(metadata={"example": "ok"})
+
+
+class ReadySchema(ma.Schema):
+    status = fields.String(validate=ma.validate.OneOf(["ready", "unavailable"]))
+    checks = fields.Dict(keys=fields.String(), values=fields.String(),
+                         metadata={"example": {"database": "ok", "redis": "ok", "scripts": "ok"}})
+
+
+_METRICS_DOC = {"responses": {"200": {"description": "Prometheus text exposition format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}}}}
+
+
 @blp.route("/healthz")
+@blp.response(200, HealthSchema)
 @blp.doc(summary="Liveness: 200 while the process lives")
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @blp.route("/readyz")
+@blp.response(200, ReadySchema)
+@blp.alt_response(503, schema=ReadySchema, description="a store does not answer (Retry-After is set)")
 @blp.doc(summary="Readiness: 200 when the database and Redis answer and the scripts are loaded")
 def readyz():
     c = container()
@@ -46,7 +65,7 @@ def readyz():
 
 
 @blp.route("/metrics")
-@blp.doc(summary="Prometheus metrics (admin key, or open when auth is off)")
+@blp.doc(summary="Prometheus metrics (admin key, or open when auth is off)", **_METRICS_DOC)
 def metrics():
     from app.metrics import render
 

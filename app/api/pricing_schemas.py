@@ -19,7 +19,10 @@ class Percent(fields.Decimal):
     """A percent from 0 to 100 with at most two places: in as a string or number, out as "10.00"."""
 
     def __init__(self, **kw):
-        super().__init__(places=None, as_string=True, allow_nan=False, **kw)
+        # Documented as what it is on the way out, a decimal string (like Money); a number is accepted in.
+        metadata = {"type": "string", "pattern": r"^\d{1,3}(\.\d{1,2})?$", "example": "10.00",
+                    **kw.pop("metadata", {})}
+        super().__init__(places=None, as_string=True, allow_nan=False, metadata=metadata, **kw)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool):
@@ -35,7 +38,7 @@ class Percent(fields.Decimal):
             raise ma.ValidationError("A percent has at most two decimal places.")
         if not Decimal(0) <= result <= Decimal(100):
             raise ma.ValidationError("Must be between 0 and 100.")
-        return result.quantize(Decimal("0.01"))
+        return abs(result).quantize(Decimal("0.01"))  # abs: "-0" is zero, never echoed signed
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
