@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from app import faults, keys
 from app.clock import iso, utcnow
 from app.composition import Container
-from app.errors import EmptyCart, InsufficientStock, NotFound, ReservationExpired
+from app.errors import EmptyCart, InsufficientStock, NotFound, ReservationExpired, Unavailable
 from app.services.cart import CartService, Line, canonical_user, money, render_user
 from app.stock import CheckoutInProgress, Finalization
 from persistence.models import IdempotencyRecord, Order, OrderLine, Stock, StockMovement
@@ -74,17 +74,31 @@ def checkout(c: Container, user_id: Any, idempotency_key: str | None = None) -> 
 
     # 2. the order, durably
     items = sorted(((by_item[r.hold_id], r) for r in locked), key=lambda pair: pair[0].variant_id)
+    progress = {"commit_sent": False}
     try:
-        order, new_versions = _write_order(c, user, token, items, idempotency_key)
+        order, new_versions = _write_order(c, user, token, items, idempotency_key, progress)
     except _StockGone as gone:
         engine.unlock_many([(r.variant_id, r.hold_id, r.gen) for r in locked])
         if gone.on_hand is None:
             raise NotFound("variant", gone.variant_id) from None
         raise InsufficientStock(gone.variant_id, gone.on_hand, gone.quantity) from None
-    except Exception:
-        # the database refused or is gone: nothing was committed, the holds stay valid
-        engine.unlock_many([(r.variant_id, r.hold_id, r.gen) for r in locked])
-        raise
+    except Exception as exc:
+        committed = _committed(c, token) if progress["commit_sent"] else False
+        if committed is None:
+            # The connection broke while committing and the database cannot be asked whether the
+            # order is there. Unlocking now could sell these units twice (once in the order, once
+            # to whoever gets them next), so the holds stay locked: the reconciler finalizes them
+            # if the order exists, or unlocks them after CHECKOUT_GRACE_SECONDS.
+            log.warning("checkout %s of user %s: commit outcome unknown (%s); left to the reconciler",
+                        token, user, type(exc).__name__)
+            raise Unavailable("database") from None
+        if not committed:
+            # the database refused or is gone: nothing was committed, the holds stay valid
+            engine.unlock_many([(r.variant_id, r.hold_id, r.gen) for r in locked])
+            raise
+        # The commit went through although its answer was lost: finish the checkout as usual.
+        order = _order_by_token(c, token)
+        new_versions = {line.variant_id: 0 for line, _ in items}  # 0: a gone hold is left to the reconciler
     faults.point("checkout.after_commit")
 
     # 3. finalize and clear the lines
@@ -97,10 +111,29 @@ def checkout(c: Container, user_id: Any, idempotency_key: str | None = None) -> 
     return order
 
 
+def _committed(c: Container, token: str) -> bool | None:
+    """Whether the order of a checkout is in the database; None when the database cannot say."""
+    try:
+        with c.sessions() as s:
+            return s.scalar(select(Order.id).where(Order.checkout_token == token)) is not None
+    except Exception:  # noqa: BLE001 - unreachable or refusing: the outcome stays unknown
+        return None
+
+
+def _order_by_token(c: Container, token: str) -> dict:
+    with c.sessions() as s:
+        return order_json(s.scalars(select(Order).where(Order.checkout_token == token)).one())
+
+
 def _write_order(c: Container, user: str, token: str, items: list[tuple[Line, Any]],
-                 idempotency_key: str | None) -> tuple[dict, dict[int, int]]:
+                 idempotency_key: str | None, progress: dict) -> tuple[dict, dict[int, int]]:
+    """One transaction: order, lines, on_hand, ledger, idempotency record.
+
+    Sets progress["commit_sent"] just before COMMIT: a failure after that point may or may not
+    have committed (the answer to COMMIT can be lost with the connection).
+    """
     new_versions: dict[int, int] = {}
-    with c.sessions.begin() as s:
+    with c.sessions() as s, s.begin():
         total = Decimal("0")
         order = Order(user_id=user, status="confirmed", total=Decimal("0"), currency=c.settings.currency,
                       checkout_token=token, created_at=utcnow())
@@ -130,6 +163,8 @@ def _write_order(c: Container, user: str, token: str, items: list[tuple[Line, An
         if idempotency_key:
             s.add(IdempotencyRecord(scope="checkout", key=idempotency_key, user_id=user, status_code=201,
                                     response=body))
+        s.flush()
+        progress["commit_sent"] = True  # leaving the block commits
     return body, new_versions
 
 

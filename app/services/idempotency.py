@@ -61,13 +61,15 @@ def _wait_for(redis, rkey: str, durable) -> Result:
     delay = 0.005
     while True:
         raw = redis.get(rkey)
-        if raw is None and durable is not None:
-            found = durable()
-            if found is not None:
-                return found
         if raw is not None and raw != PENDING:
             stored = json.loads(raw)
             return stored["status"], stored["body"]
+        if durable is not None:
+            # Also while the marker says pending: its owner may have died after committing (a
+            # killed process, a lost connection), and the database knows the result.
+            found = durable()
+            if found is not None:
+                return found
         if raw is None or time.monotonic() > deadline:
             raise IdempotencyInProgress("A request with this Idempotency-Key is still being processed; retry",
                                         {"retry": True})
