@@ -26,6 +26,7 @@ class TcpProxy:
         self._commit_trap = threading.Event()
         self.commits_swallowed = 0
         self.accepted = 0
+        self._keep_listening = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -53,9 +54,20 @@ class TcpProxy:
         if self._listener is None:
             self.start()
 
-    def cut_after_commit(self) -> None:
-        """Cut everything right after the server has answered the next COMMIT, swallowing that answer."""
+    def cut_after_commit(self, keep_listening: bool = False) -> None:
+        """Cut right after the server has answered the next COMMIT, swallowing that answer.
+
+        keep_listening: break only the open connections; new ones still get through (a blip).
+        """
+        self._keep_listening = keep_listening
         self._commit_trap.set()
+
+    def drop_connections(self) -> None:
+        """Break every open connection but keep accepting new ones."""
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            _close(conn)
 
     @property
     def up(self) -> bool:
@@ -100,7 +112,10 @@ class TcpProxy:
                 elif state["swallow"]:
                     # The server has answered the COMMIT: it is durable. The client never hears it.
                     self.commits_swallowed += 1
-                    self.cut()
+                    if self._keep_listening:
+                        self.drop_connections()
+                    else:
+                        self.cut()
                     return
                 else:
                     dst.sendall(data)
