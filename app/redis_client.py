@@ -21,7 +21,9 @@ def make_redis(settings: Settings, *, decode: bool = True, timeout: float = 5.0)
     if settings.redis_cluster:
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(settings.redis_url, **common)
+        # No silent re-sends here either (redirections are still followed: they did not run).
+        return RedisCluster.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0),
+                                     **common)
     return redis.Redis.from_url(
         settings.redis_url,
         # No silent re-sends: a reserve script sent twice would reserve twice. A failed call

@@ -23,6 +23,8 @@ class Settings:
     database_url: str = ""
     redis_url: str = ""
     redis_cluster: bool = False
+    # The rq queue's Redis (rq cannot use a cluster); defaults to REDIS_URL on a single Redis.
+    rq_redis_url: str = ""
     port: int = 8000
     api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> role
     hold_ttl_seconds: int = 900
@@ -126,6 +128,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
     redis_url = (env.get("REDIS_URL") or "").strip()
     if redis_url and not re.match(r"^(redis|rediss|unix)://", redis_url):
         raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+    rq_redis_url = (env.get("RQ_REDIS_URL") or "").strip()
+    if rq_redis_url and not re.match(r"^(redis|rediss|unix)://", rq_redis_url):
+        raise SettingsError("RQ_REDIS_URL must start with redis://, rediss:// or unix://")
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -134,6 +139,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
         database_url=database_url,
         redis_url=redis_url,
         redis_cluster=_bool(env, "REDIS_CLUSTER", False),
+        rq_redis_url=rq_redis_url,
         port=_int(env, "PORT", 8000, 1, 65535),
         api_keys=parse_api_keys(env.get("API_KEYS", "")),
         hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 1, 7 * 24 * 3600),

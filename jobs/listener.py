@@ -2,6 +2,8 @@
 
 Pub/sub is fire-and-forget, so after every (re)connect the listener runs one sweep for what it
 missed; the periodic sweeper remains the guarantee (DESIGN.md, Holds and their expiry).
+On a Redis Cluster, expired events are published by the primary that owned the key, to its own
+subscribers only: the listener subscribes to every primary and follows topology changes.
 """
 from __future__ import annotations
 
@@ -18,35 +20,52 @@ from app.composition import Container
 log = logging.getLogger(__name__)
 
 BATCH = 500
+TOPOLOGY_CHECK_S = 5.0
 
 
-def ensure_expired_events(redis) -> bool:
-    """Turn on `notify-keyspace-events Ex` (keeping other flags); False where CONFIG is not allowed."""
+def _is_cluster(redis) -> bool:
+    return hasattr(redis, "get_primaries")
+
+
+def _node_clients(redis) -> list:
+    """One plain client per server: the client itself on a single Redis, each primary's on a cluster."""
+    if _is_cluster(redis):
+        return [node.redis_connection for node in redis.get_primaries()]
+    return [redis]
+
+
+def _enable_on(client) -> bool:
     try:
-        nodes = redis.get_primaries() if hasattr(redis, "get_primaries") else [None]
-        for node in nodes:
-            target = {"target_nodes": node} if node is not None else {}
-            current = redis.config_get("notify-keyspace-events", **target)
-            if isinstance(current, dict) and node is not None and "notify-keyspace-events" not in current:
-                current = next(iter(current.values()), {})
-            flags = (current or {}).get("notify-keyspace-events", "")
-            if ("E" in flags and ("x" in flags or "A" in flags)):
-                continue
-            merged = "".join(sorted(set(flags + "Ex")))
-            redis.config_set("notify-keyspace-events", merged, **target)
+        flags = client.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+        if "E" in flags and ("x" in flags or "A" in flags):
+            return True
+        client.config_set("notify-keyspace-events", "".join(sorted(set(flags + "Ex"))))
         return True
     except redis_lib.exceptions.ResponseError as exc:
         log.warning("cannot enable keyspace expiry events (%s): the sweeper releases lapsed holds alone", exc)
         return False
 
 
+def ensure_expired_events(redis) -> bool:
+    """Turn on `notify-keyspace-events Ex` (keeping other flags) on every primary; False where
+    CONFIG is not allowed (managed Redis)."""
+    return all([_enable_on(client) for client in _node_clients(redis)])
+
+
 def expired_channel(redis) -> str:
-    db = redis.connection_pool.connection_kwargs.get("db", 0) if hasattr(redis, "connection_pool") else 0
+    db = 0
+    if not _is_cluster(redis):
+        db = redis.connection_pool.connection_kwargs.get("db", 0)
     return f"__keyevent@{db}__:expired"
 
 
+def _node_name(client) -> str:
+    kw = client.connection_pool.connection_kwargs
+    return f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}"
+
+
 class ExpiryListener:
-    """Subscribes to expired events and releases the holds they name; reconnects with backoff."""
+    """Subscribes to expired events on every primary and releases the holds they name."""
 
     def __init__(self, container: Container, stop: threading.Event | None = None,
                  max_backoff: float = 10.0):
@@ -57,27 +76,90 @@ class ExpiryListener:
         self.released_holds = 0
         self.released_units = 0
         self.connected = threading.Event()
+        self._lock = threading.Lock()
         self._not_due: list[tuple[int, int, str]] = []  # heap of (expiry ms, variant id, hold id)
+        self._subscribers: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._up: set[str] = set()
+
+    # -- supervision ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        backoff = 0.1
+        """Run until `stop` is set: one subscriber per primary, re-checked every few seconds."""
+        redis = self.container.redis
+        if not _is_cluster(redis):
+            self._subscribe(redis, self.stop)
+            return
+        next_check = 0.0
         while not self.stop.is_set():
+            if time.monotonic() >= next_check:
+                self._follow_topology(redis)
+                next_check = time.monotonic() + TOPOLOGY_CHECK_S
+            self.stop.wait(0.2)
+        for thread, stop in self._subscribers.values():
+            stop.set()
+        for thread, _ in self._subscribers.values():
+            thread.join(5)
+        self.connected.clear()
+
+    def _follow_topology(self, redis) -> None:
+        try:
+            redis.nodes_manager.initialize()
+            clients = {_node_name(c): c for c in _node_clients(redis)}
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.exceptions.RedisClusterException) as exc:
+            log.warning("listener cannot read the cluster topology (%s); keeping current subscriptions",
+                        type(exc).__name__)
+            return
+        for name in list(self._subscribers):
+            thread, stop = self._subscribers[name]
+            if name not in clients or not thread.is_alive():
+                stop.set()
+                del self._subscribers[name]
+                log.info("listener stops following %s (no longer a primary)", name)
+        for name, client in clients.items():
+            if name not in self._subscribers:
+                stop = threading.Event()
+                thread = threading.Thread(target=self._subscribe, args=(client, stop), daemon=True,
+                                          name=f"expiry-{name}")
+                self._subscribers[name] = (thread, stop)
+                thread.start()
+                log.info("listener follows primary %s", name)
+        self._update_connected()
+
+    def _update_connected(self) -> None:
+        with self._lock:
+            names = set(self._subscribers) if self._subscribers else {"single"}
+            if names and names <= self._up:
+                self.connected.set()
+            else:
+                self.connected.clear()
+
+    # -- one server ---------------------------------------------------------------------------------
+
+    def _subscribe(self, client, stop: threading.Event) -> None:
+        name = "single" if not _is_cluster(self.container.redis) else _node_name(client)
+        backoff = 0.1
+        while not stop.is_set() and not self.stop.is_set():
             pubsub = None
             try:
-                ensure_expired_events(self.container.redis)
-                pubsub = self.container.redis.pubsub(ignore_subscribe_messages=True)
+                _enable_on(client)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(expired_channel(self.container.redis))
                 # Subscribed first, then sweep: nothing can lapse unseen in between.
                 report = self.engine.sweep()
                 if report.holds:
                     log.info("catch-up sweep released %d hold(s), %d unit(s)", report.holds, report.units)
-                self.connected.set()
+                with self._lock:
+                    self._up.add(name)
+                self._update_connected()
                 backoff = 0.1
-                self._loop(pubsub)
+                self._loop(pubsub, stop)
             except (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError) as exc:
-                self.connected.clear()
-                log.warning("listener lost Redis (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
-                self.stop.wait(backoff)
+                with self._lock:
+                    self._up.discard(name)
+                self._update_connected()
+                log.warning("listener lost Redis %s (%s); reconnecting in %.1fs", name, type(exc).__name__,
+                            backoff)
+                stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             finally:
                 if pubsub is not None:
@@ -85,10 +167,12 @@ class ExpiryListener:
                         pubsub.close()
                     except Exception:  # noqa: BLE001 - closing a dead connection
                         pass
-        self.connected.clear()
+        with self._lock:
+            self._up.discard(name)
+        self._update_connected()
 
-    def _loop(self, pubsub) -> None:
-        while not self.stop.is_set():
+    def _loop(self, pubsub, stop: threading.Event) -> None:
+        while not stop.is_set() and not self.stop.is_set():
             message = pubsub.get_message(timeout=0.5)
             batch = []
             while message is not None and len(batch) < BATCH:
@@ -98,9 +182,10 @@ class ExpiryListener:
                         batch.append(parsed)
                 message = pubsub.get_message(timeout=0) if len(batch) < BATCH else None
             now = clock.now_ms()
-            while self._not_due and self._not_due[0][0] <= now:
-                _, vid, hid = heapq.heappop(self._not_due)
-                batch.append((vid, hid))
+            with self._lock:
+                while self._not_due and self._not_due[0][0] <= now:
+                    _, vid, hid = heapq.heappop(self._not_due)
+                    batch.append((vid, hid))
             if batch:
                 self.handle(batch, now)
 
@@ -111,11 +196,13 @@ class ExpiryListener:
         for (vid, hid), (released, not_before) in zip(batch, results):
             if released:
                 units += released
-                self.released_holds += 1
                 log.info("released hold %s of variant %s: %d unit(s) back", hid, vid, released)
             elif not_before:
-                heapq.heappush(self._not_due, (not_before, vid, hid))
-        self.released_units += units
+                with self._lock:
+                    heapq.heappush(self._not_due, (not_before, vid, hid))
+        with self._lock:
+            self.released_holds += sum(1 for released, _ in results if released)
+            self.released_units += units
         return units
 
 

@@ -19,9 +19,18 @@ RECONCILE_JOB_ID = "inventory-reconcile"
 
 
 def rq_connection(settings: Settings):
-    """rq needs a client that returns bytes."""
+    """The queue's Redis, with a client that returns bytes. rq cannot run on a Redis Cluster (its
+    keys span slots), so with REDIS_CLUSTER=1 the queue lives on a standalone Redis: RQ_REDIS_URL.
+    It holds only the queue and the schedule; stock, holds and carts stay on the cluster."""
     from app.redis_client import make_redis
+    from app.settings import SettingsError
 
+    if settings.rq_redis_url:
+        return make_redis(settings.with_(redis_url=settings.rq_redis_url, redis_cluster=False),
+                          decode=False, timeout=10)
+    if settings.redis_cluster:
+        raise SettingsError("REDIS_CLUSTER=1 needs RQ_REDIS_URL: a standalone Redis for the rq queue "
+                            "(rq cannot use a cluster)")
     return make_redis(settings, decode=False, timeout=10)
 
 
@@ -46,11 +55,54 @@ def install_schedule(scheduler: Scheduler, settings: Settings) -> None:
              settings.reconcile_interval_seconds)
 
 
-def run_scheduler(settings: Settings) -> None:
-    """`inventory scheduler`: poll every second and enqueue what is due, until SIGTERM."""
+def schedule_present(scheduler: Scheduler) -> bool:
+    """Both periodic jobs are in the schedule (a Redis restarted without persistence loses them)."""
+    key = scheduler.scheduled_jobs_key
+    return all(scheduler.connection.zscore(key, job_id) is not None
+               for job_id in (SWEEP_JOB_ID, RECONCILE_JOB_ID))
+
+
+def scheduler_tick(scheduler: Scheduler, settings: Settings) -> int:
+    """One pass: put the schedule back if it was lost, then enqueue what is due (under rq-scheduler's
+    lock, so two schedulers started by mistake never enqueue twice). Returns jobs enqueued."""
+    if not schedule_present(scheduler):
+        log.warning("the schedule was missing (Redis restarted empty?): installing it again")
+        install_schedule(scheduler, settings)
+    enqueued = 0
+    if scheduler.acquire_lock():
+        try:
+            enqueued = len(scheduler.enqueue_jobs())
+        finally:
+            scheduler.remove_lock()
+    scheduler.heartbeat()
+    return enqueued
+
+
+def run_scheduler(settings: Settings, stop=None) -> None:
+    """`inventory scheduler`: every second, enqueue what is due; survives Redis going away."""
+    import signal
+    import threading
+
+    import redis as redis_lib
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     scheduler = make_scheduler(settings)
-    install_schedule(scheduler, settings)
-    scheduler.run()
+    backoff = 0.5
+    log.info("scheduler started: sweep every %ss, reconcile every %ss", settings.sweep_interval_seconds,
+             settings.reconcile_interval_seconds)
+    while not stop.is_set():
+        try:
+            scheduler_tick(scheduler, settings)
+            backoff = 0.5
+            stop.wait(1.0)
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+            log.warning("scheduler lost Redis (%s); retrying in %.1fs", type(exc).__name__, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 10)
+    log.info("scheduler stopped")
 
 
 def run_worker(settings: Settings, burst: bool = False) -> bool:

@@ -37,8 +37,40 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, message: s
         time.sleep(interval)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--redis-cluster", action="store_true",
+                     help="run against a 3-primary Redis Cluster started on loopback ports")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "single_node: needs a single Redis server (skipped with --redis-cluster)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--redis-cluster"):
+        return
+    skip = pytest.mark.skip(reason="single-node only (MONITOR, per-db tricks or a private server)")
+    for item in items:
+        if "single_node" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
+def cluster_mode(request) -> bool:
+    return bool(request.config.getoption("--redis-cluster"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory, cluster_mode):
+    if cluster_mode:
+        from app.embedded import EmbeddedCluster
+
+        cluster = EmbeddedCluster(tmp_path_factory.mktemp("cluster")).start()
+        try:
+            yield cluster.url
+        finally:
+            cluster.stop()
+        return
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
@@ -48,6 +80,28 @@ def redis_url(tmp_path_factory):
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def rq_url(tmp_path_factory, cluster_mode):
+    """On a cluster, rq's queue needs a standalone Redis (RQ_REDIS_URL); otherwise REDIS_URL serves."""
+    if not cluster_mode:
+        yield None
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("rq-redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def raw_redis(url: str, cluster: bool, decode: bool = False):
+    """A plain client to the test Redis: a cluster client when the suite runs on a cluster."""
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, decode_responses=decode)
+    return redis_lib.Redis.from_url(url, decode_responses=decode)
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +134,11 @@ def _has_sqlite_sequence(conn) -> bool:
 
 
 @pytest.fixture
-def clean_stores(redis_url, _db_engine):
+def clean_stores(redis_url, _db_engine, cluster_mode, rq_url):
     """Empty Redis db and database before (and after) a test."""
-    r = redis_lib.Redis.from_url(redis_url)
+    if rq_url:
+        redis_lib.Redis.from_url(rq_url).flushdb()
+    r = raw_redis(redis_url, cluster_mode)
     r.flushdb()
     _empty_database(_db_engine)
     yield
@@ -91,9 +147,11 @@ def clean_stores(redis_url, _db_engine):
 
 
 @pytest.fixture
-def env(redis_url, database_url):
+def env(redis_url, database_url, cluster_mode, rq_url):
     """The environment a test's settings are read from; tests may change it before `settings`."""
     return {
+        "REDIS_CLUSTER": "1" if cluster_mode else "0",
+        **({"RQ_REDIS_URL": rq_url} if rq_url else {}),
         "APP_ENV": "test",
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
@@ -143,8 +201,8 @@ def storefront_headers():
 
 
 @pytest.fixture
-def redis_client(redis_url):
-    r = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+def redis_client(redis_url, cluster_mode):
+    r = raw_redis(redis_url, cluster_mode, decode=True)
     yield r
     r.close()
 

@@ -167,6 +167,7 @@ def test_the_listener_survives_its_connection_being_killed_and_loses_no_hold(
         assert (c.available, c.reserved, c.active_holds) == (10, 0, 0)
 
 
+@pytest.mark.single_node
 def test_a_listener_on_a_server_with_notifications_off_turns_them_on_keeping_other_flags(
         settings, sessions, tmp_path):
     # A server of its own: CONFIG SET on a shared one would silence other listeners meanwhile.

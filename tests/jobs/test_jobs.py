@@ -141,3 +141,24 @@ def test_a_job_builds_its_container_from_the_environment_when_none_was_set(
     finally:
         jobs.tasks.container().close()
         jobs.tasks._container = None
+
+
+def test_a_scheduler_puts_back_a_schedule_lost_with_an_emptied_redis(scheduler, settings, rq_redis):
+    from jobs.scheduler import schedule_present, scheduler_tick
+
+    install_schedule(scheduler, settings)
+    rq_redis.flushdb()  # Redis restarted without persistence
+    assert not schedule_present(scheduler)
+    scheduler_tick(scheduler, settings)
+    assert schedule_present(scheduler)
+    assert {job.id for job in scheduler.get_jobs()} == {SWEEP_JOB_ID, RECONCILE_JOB_ID}
+
+
+def test_two_schedulers_ticking_together_enqueue_each_due_job_once(settings, rq_redis):
+    from jobs.scheduler import scheduler_tick
+
+    first, second = make_scheduler(settings), make_scheduler(settings)
+    install_schedule(first, settings)
+    enqueued = scheduler_tick(first, settings) + scheduler_tick(second, settings)
+    assert enqueued == 2  # the sweep and the reconcile, due now, once each
+    assert len(Queue(QUEUE, connection=rq_redis)) == 2

@@ -516,6 +516,7 @@ def private_engine(redis_url, sessions, settings):
     r.close()
 
 
+@pytest.mark.single_node
 def test_every_command_run_inside_a_script_touches_only_the_variants_slot(private_engine, vid, t0):
     """Runs every script under MONITOR and asks the server which keys each inner command touched."""
     engine, r = private_engine, private_engine.redis
