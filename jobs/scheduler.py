@@ -71,7 +71,10 @@ def scheduler_tick(scheduler: Scheduler, settings: Settings) -> int:
     enqueued = 0
     if scheduler.acquire_lock():
         try:
-            enqueued = len(scheduler.enqueue_jobs())
+            due = list(scheduler.get_jobs_to_queue())
+            for job in due:
+                scheduler.enqueue_job(job)
+            enqueued = len(due)
         finally:
             scheduler.remove_lock()
     scheduler.heartbeat()
