@@ -153,7 +153,8 @@ class ExpiryListener:
                 self._update_connected()
                 backoff = 0.1
                 self._loop(pubsub, stop)
-            except (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError) as exc:
+            except (redis_lib.RedisError, OSError) as exc:
+                # connection lost, cluster down or re-sharding: back off and subscribe again
                 with self._lock:
                     self._up.discard(name)
                 self._update_connected()
