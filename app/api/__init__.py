@@ -28,6 +28,44 @@ from app.api.auth import install_auth
 from app.api.errors import register_error_handlers
 
 
+class _BodyLimit:
+    """MAX_CONTENT_LENGTH for bodies of unknown length (chunked): werkzeug cuts such a body off at
+    the limit without an error, and a cut-off body can still be valid JSON. Read one byte past the
+    limit here, and mark the request so it is answered 413 like any other oversize body."""
+
+    FLAG = "inventory.body_too_large"
+
+    def __init__(self, wsgi_app, limit: int):
+        self.wsgi_app, self.limit = wsgi_app, limit
+
+    def __call__(self, environ, start_response):
+        from werkzeug.wsgi import get_content_length
+
+        if environ.get("wsgi.input_terminated") and get_content_length(environ) is None:
+            import io
+
+            environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is now of known length
+            data = environ["wsgi.input"].read(self.limit + 1)
+            if len(data) > self.limit:
+                environ[self.FLAG] = True
+                data = b""
+            environ["wsgi.input"] = io.BytesIO(data)
+            environ["CONTENT_LENGTH"] = str(len(data))
+        return self.wsgi_app(environ, start_response)
+
+
+def install_body_limit(app: Flask) -> None:
+    from flask import request
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    app.wsgi_app = _BodyLimit(app.wsgi_app, app.config["MAX_CONTENT_LENGTH"])
+
+    @app.before_request
+    def _too_large():
+        if request.environ.get(_BodyLimit.FLAG):
+            raise RequestEntityTooLarge()
+
+
 def register_api(app: Flask) -> None:
     from app.api import cart, catalog, health, inventory, ops, orders, pricing
 
@@ -38,6 +76,7 @@ def register_api(app: Flask) -> None:
     app.extensions["smorest_api"] = api
     for module in (health, catalog, inventory, pricing, cart, orders, ops):
         api.register_blueprint(module.blp)
+    install_body_limit(app)
     install_auth(app)
     # Registered after Api so these replace flask-smorest's own HTTPException handler.
     register_error_handlers(app)

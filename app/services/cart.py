@@ -76,6 +76,15 @@ class Line:
         return cls(item_id, int(d["v"]), d["s"], int(d["q"]), Decimal(d["p"]), int(d["e"]), d["g"], d.get("t"))
 
 
+_STORE_ATTEMPTS = 5
+
+
+def _stale(line: Line, hold) -> bool:
+    """The line's hold lives on (same generation) but holds another quantity or expiry than the line says."""
+    return (hold is not None and hold.gen == line.gen
+            and (hold.quantity != line.quantity or hold.expires_ms != line.expires_ms))
+
+
 def _line_is_live(line: Line, hold, now: int) -> bool:
     return hold is not None and hold.gen == line.gen and hold.expires_ms > now
 
@@ -175,13 +184,38 @@ class CartService:
         others = [l for l in lines.values() if l.item_id != item_id]
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.cart(user), item_id, line.dumps())
+        pipe.hget(keys.holds(variant_id), item_id)  # read back: did another add of this line land meanwhile?
         for other in others:
             pipe.hget(keys.holds(other.variant_id), other.item_id)
         results = pipe.execute()
+        if _stale(line, unpack_hold(results[1])):
+            line = self._store_line(user, line, info.product_id, version)
+            lines[item_id] = line
         live = {item_id: True}
-        for other, raw in zip(others, results[1:]):
+        for other, raw in zip(others, results[2:]):
             live[other.item_id] = _line_is_live(other, unpack_hold(raw), now)
         return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
+
+    def _store_line(self, user: str, line: Line, product_id: int, version: int | None) -> Line:
+        """Write a cart line until it shows what its hold holds.
+
+        Hold and line live in different hash slots, so they cannot change in one step: two adds of
+        the same line can reserve in one order and write their lines in the other, leaving the line
+        at an older quantity and price than the hold. Every writer reads the hold back after writing
+        and writes again on a difference, so the last write always matches the hold.
+        """
+        for _ in range(_STORE_ATTEMPTS):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.cart(user), line.item_id, line.dumps())
+            pipe.hget(keys.holds(line.variant_id), line.item_id)
+            hold = unpack_hold(pipe.execute()[1])
+            if not _stale(line, hold):
+                return line
+            quote = self.pricing.price(product_id, line.variant_id, hold.quantity, line.tier,
+                                       catalog_version=version)
+            line = Line(line.item_id, line.variant_id, line.sku, hold.quantity, quote.unit_price, hold.expires_ms,
+                        hold.gen, line.tier)
+        return line
 
     # -- change / remove --------------------------------------------------------------------------
 
@@ -209,7 +243,7 @@ class CartService:
         reservation = self.engine.reserve(line.variant_id, user, quantity, mode="set")
         line = Line(item_id, line.variant_id, line.sku, reservation.quantity, quote.unit_price,
                     reservation.expires_ms, reservation.gen, line.tier)
-        self.redis.hset(keys.cart(user), item_id, line.dumps())
+        line = self._store_line(user, line, info.product_id, version)
         lines = self._lines(user)
         return {"item": item_json(line, True), "cart": cart_json(user, lines, self._liveness(lines))}
 

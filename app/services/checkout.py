@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from app import faults, keys
 from app.clock import iso, utcnow
 from app.composition import Container
-from app.errors import EmptyCart, InsufficientStock, NotFound, ReservationExpired, Unavailable
+from app.errors import Conflict, EmptyCart, InsufficientStock, NotFound, ReservationExpired, Unavailable
 from app.services.cart import CartService, Line, canonical_user, money, render_user
 from app.stock import CheckoutInProgress, Finalization
 from persistence.models import IdempotencyRecord, Order, OrderLine, Stock, StockMovement
@@ -36,6 +36,10 @@ def order_json(order: Order) -> dict:
         "total": money(order.total),
         "created_at": iso(order.created_at),
     }
+
+
+class CartChanged(Conflict):
+    code = "cart_changed"
 
 
 class _StockGone(Exception):
@@ -70,6 +74,12 @@ def checkout(c: Container, user_id: Any, idempotency_key: str | None = None) -> 
         if expired:
             raise ReservationExpired(expired)
         raise CheckoutInProgress("A checkout of this cart is already in progress", {"user_id": render_user(user)})
+    changing = [r for r in locked if r.quantity != by_item[r.hold_id].quantity]
+    if changing:
+        # an add to the same line is between its reserve and its cart write: the line's price is
+        # for another quantity than the hold's, so charge nothing until the line has caught up
+        engine.unlock_many([(r.variant_id, r.hold_id, r.gen) for r in locked])
+        raise CartChanged("The cart changed during checkout; retry", {"item_ids": [r.hold_id for r in changing]})
     faults.point("checkout.after_lock")
 
     # 2. the order, durably

@@ -77,6 +77,17 @@ def database_url(tmp_path_factory):
             admin.close()
 
 
+@pytest.fixture(scope="session")
+def _db_engine(database_url):
+    """Overridden too: a session fixture is cached once per definition, so the suite's own engine,
+    first built for a test here, would go on emptying this private database for everyone else."""
+    from persistence.db import make_engine
+
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
 def _pg_connect(url):
     import psycopg2
 
