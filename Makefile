@@ -31,3 +31,10 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 clean:
 	rm -rf var .pytest_cache .hypothesis build dist *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# `make soak MINUTES=10`: mixed load from several processes with the invariant checked every second
+# and the order ledger at the end; prints the operations done and the violations (must be 0).
+MINUTES ?= 10
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
