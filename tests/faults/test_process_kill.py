@@ -19,7 +19,7 @@ from app.embedded import free_port
 from persistence.models import Order
 from tests.conftest import wait_for
 from tests.factories import make_variant
-from tests.faults.conftest import PYTHON, assert_stock_exact
+from tests.faults.conftest import PYTHON, assert_orders_durable, assert_stock_exact
 
 SERVER = """
 import sys
@@ -104,6 +104,7 @@ def test_a_web_process_killed_mid_checkout_is_healed_by_the_reconciler(point, ba
         assert first.locks_released == 2
         retry = client.post("/api/cart/victim/checkout/")
         assert retry.status_code == 201, retry.get_json()
+        assert_orders_durable(c, [retry.get_json()])
         state = assert_stock_exact(c, [vid, other])
         assert state == {vid: (7, 7, 0), other: (8, 8, 0)}
     else:

@@ -18,7 +18,7 @@ from app.composition import Container
 from app.settings import load_settings
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, wait_for
 from tests.factories import make_variant
-from tests.faults.conftest import PYTHON, assert_stock_exact, raw_redis
+from tests.faults.conftest import PYTHON, assert_orders_durable, assert_stock_exact, raw_redis
 from tests.faults.test_hostile_inputs import snapshot
 
 WRITE = {"post", "put", "patch", "delete"}
@@ -129,14 +129,21 @@ def test_no_key_dsn_or_password_in_logs_or_error_bodies(auth_env, clean_stores, 
         ):
             assert response.status_code == 503
             bodies.append(response)
-        container.db.dispose()
-        container.settings  # the database goes away too (a closed port)
-        broken = Container(load_settings({**env, "DATABASE_URL": re.sub(r"(:\d+)?/([^/]*)$", r":1/\2", database_url)
-                                          if database_url.startswith("postgres") else database_url}))
-        try:
-            bodies.append(create_app(container=broken).test_client().get("/readyz"))
-        finally:
-            broken.close()
+        if database_url.startswith("postgres"):
+            # the database goes away too: the same DSN, password and all, on a closed port
+            from sqlalchemy.engine import make_url
+
+            gone = make_url(database_url).set(port=1).render_as_string(hide_password=False)
+            broken = Container(load_settings({**env, "DATABASE_URL": gone}))
+            try:
+                broken_client = create_app(container=broken).test_client()
+                for response in (broken_client.get("/readyz"),
+                                 broken_client.get("/api/orders/", headers=shop),
+                                 broken_client.get("/api/products/")):
+                    assert response.status_code == 503
+                    bodies.append(response)
+            finally:
+                broken.close()
     finally:
         container.close()
 
@@ -203,7 +210,10 @@ def test_the_per_customer_cap_holds_under_a_concurrent_burst_from_one_customer(a
     wait_for(lambda: client.get("/api/cart/greedy/", headers=headers).get_json()["items"][0]["quantity"] == held,
              timeout=2, message="the cart line to show the held quantity")
     # and ordering what is held cannot pass the cap either
-    assert client.post("/api/cart/greedy/checkout/", headers=headers).status_code == 201
+    order = client.post("/api/cart/greedy/checkout/", headers=headers)
+    assert order.status_code == 201
+    assert_orders_durable(c, [order.get_json()])
+    assert_stock_exact(c, [vid])
     again = client.post("/api/cart/add/", json={"user_id": "greedy", "variant_id": vid, "quantity": 1},
                         headers=headers)
     assert held < cap or again.get_json()["error"]["code"] == "limit_exceeded"
