@@ -288,12 +288,25 @@ def run(seconds: float, *, redis_url: str | None = None, database_url: str | Non
 def _run(seconds, redis_url, database_url, workers, count, out) -> dict:
     import logging
 
+    # Quiet the jobs of this process (expected warnings are counted, not logged) without touching
+    # the logging of whoever called run(): a test runner's capture, for one.
+    quiet = [logging.getLogger(name) for name in ("app", "jobs")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        return _run_quiet(seconds, redis_url, database_url, workers, count, out)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _run_quiet(seconds, redis_url, database_url, workers, count, out) -> dict:
     from app.composition import Container
     from app.settings import load_settings
     from jobs.listener import ExpiryListener
     from persistence.db import migrate
 
-    logging.getLogger().setLevel(logging.ERROR)
     env = _env(redis_url, database_url)
     migrate(database_url)
     c = Container(load_settings(env))

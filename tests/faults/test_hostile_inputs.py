@@ -159,7 +159,7 @@ def hostile(auth_env, build):
     # one real line in a cart, and every cache warmed, so a read changes nothing either
     assert client.post("/api/cart/add/", json={"user_id": "resident", "variant_id": vid, "quantity": 2},
                        headers=ADMIN).status_code == 201
-    client.get(f"/api/cart/resident/", headers=ADMIN)
+    client.get("/api/cart/resident/", headers=ADMIN)
     client.get("/api/pricing/1/price/")
     return client, c, vid
 

@@ -103,7 +103,6 @@ def test_redis_restarted_empty_rebuilds_counters_and_oversells_nothing(base_env,
     traffic = Traffic(client, variants, [f"shopper{i}" for i in range(12)]).start()
     try:
         wait_for(lambda: traffic.successes() >= 40, timeout=20, message="traffic before the fault")
-        stopped_at = time.monotonic()
         server = own_redis.restart(server, persist=False)  # everything in Redis is gone
         back_at = time.monotonic()
         assert raw_redis(server.url).dbsize() < 50  # it really came back empty (traffic may refill it)
