@@ -93,6 +93,20 @@ def sweep_index_of_slot(slot: int) -> str:
     return f"{PREFIX}sweep:{{{_tags()[slot]}}}"
 
 
+DUE_SHARDS = 16
+
+
+def due_hint(variant_id: int) -> str:
+    """Sorted set: variant ids scored by a hold's expiry, written beside each reserve (a hint, not
+    exact) so the listener finds lapsing holds in a few cheap reads; sharded so no one key (or
+    cluster node) takes every reserve. What a lost hint misses, the sweeper's exact indexes find."""
+    return f"{PREFIX}due:{{d{int(variant_id) % DUE_SHARDS}}}"
+
+
+def due_hints() -> list[str]:
+    return [f"{PREFIX}due:{{d{shard}}}" for shard in range(DUE_SHARDS)]
+
+
 def sweep_indexes() -> list[str]:
     """Every slot's sweep index: the sweeper reads them all (16,384 cheap reads, pipelined)."""
     return [sweep_index_of_slot(slot) for slot in range(SLOTS)]
