@@ -371,7 +371,8 @@ class StockEngine:
     def finalize_many(self, items: Sequence[Finalization]) -> list[int]:
         """Finalize locked holds whose order is committed (idempotent)."""
         calls = [("script", "finalizeHold", self._variant_keys(f.variant_id, f.hold_id),
-                  [f.hold_id, f.gen, f.quantity, f.new_version, f.user]) for f in items]
+                  [f.hold_id, f.gen, f.quantity, f.new_version, f.user, self.settings.max_units_per_customer])
+                 for f in items]
         out = [int(r[0]) for r in self._run(calls)] if calls else []
         HOLDS.labels("committed").inc(sum(1 for r in out if r))
         return out

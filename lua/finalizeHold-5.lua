@@ -7,7 +7,7 @@
 
   KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] ht:{v}:<id>
   ARGV[1] hold id   ARGV[2] gen   ARGV[3] qty   ARGV[4] new_version (the database's, after the order)
-  ARGV[5] user
+  ARGV[5] user   ARGV[6] per-customer limit (0 = none: customers are not counted)
 
   Returns: {1} finalized | {2} hold gone, units taken from available | {0} nothing to do
 ]]
@@ -15,6 +15,7 @@
 
 local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local holdId, gen, qty, newVersion, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local limit = tonumber(ARGV[6] or "0")
 
 local h = unpackHold(redis.call("HGET", holdsKey, holdId))
 if h and h.gen == gen then
@@ -35,7 +36,7 @@ if counter(stockKey, "version") == newVersion - 1 then
   if take > available then take = available end
   redis.call("HINCRBY", stockKey, "available", -take)
   redis.call("HINCRBY", stockKey, "version", 1)
-  if user ~= "" then redis.call("HINCRBY", custKey, user, qty) end
+  if user ~= "" and limit > 0 then redis.call("HINCRBY", custKey, user, qty) end
   return {2}
 end
 return {0}

@@ -6,7 +6,8 @@
   KEYS[1] stock:{v}   hash available, reserved, version, ...
   KEYS[2] holds:{v}   hash hold id -> packed hold
   KEYS[3] hexp:{v}    zset hold id -> expiry ms
-  KEYS[4] cust:{v}    hash user -> units held plus ordered
+  KEYS[4] cust:{v}    hash user -> units held plus ordered; kept only while a limit is set (ARGV[7] > 0),
+                      so it costs no memory without one, and counts from the moment one is set
   KEYS[5] ht:{v}:<id> timer key (TTL only, raises the `expired` event)
   KEYS[6] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
   ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
@@ -59,8 +60,10 @@ end
 if need ~= 0 then
   available = redis.call("HINCRBY", stockKey, "available", -need)
   redis.call("HINCRBY", stockKey, "reserved", need)
-  local left = redis.call("HINCRBY", custKey, user, need)
-  if left <= 0 then redis.call("HDEL", custKey, user) end
+  if limit > 0 then
+    local left = redis.call("HINCRBY", custKey, user, need)
+    if left <= 0 then redis.call("HDEL", custKey, user) end
+  end
 end
 if target == 0 then
   redis.call("HDEL", holdsKey, holdId)

@@ -64,16 +64,19 @@ class Line:
     tier: str | None = None
 
     def dumps(self) -> str:
-        body = {"v": self.variant_id, "s": self.sku, "q": self.quantity, "p": money(self.unit_price),
-                "e": self.expires_ms, "g": self.gen}
-        if self.tier:
-            body["t"] = self.tier
-        return json.dumps(body, separators=(",", ":"))
+        """`qty|unit_price|expires_ms|gen|tier`: short enough (<= 64 bytes) that Redis keeps a cart
+        as a compact listpack; the variant id is in the item id and the sku in the catalog cache."""
+        return f"{self.quantity}|{money(self.unit_price)}|{self.expires_ms}|{self.gen}|{self.tier or ''}"
 
     @classmethod
-    def loads(cls, item_id: str, raw: str) -> "Line":
-        d = json.loads(raw)
-        return cls(item_id, int(d["v"]), d["s"], int(d["q"]), Decimal(d["p"]), int(d["e"]), d["g"], d.get("t"))
+    def loads(cls, item_id: str, raw: str, sku: str = "") -> "Line":
+        variant_id = int(item_id.partition("~")[0])
+        if raw.startswith("{"):  # a line written by an earlier version, as JSON
+            d = json.loads(raw)
+            return cls(item_id, variant_id, d.get("s", sku), int(d["q"]), Decimal(d["p"]), int(d["e"]), d["g"],
+                       d.get("t"))
+        quantity, price, expires, gen, tier = raw.split("|")
+        return cls(item_id, variant_id, sku, int(quantity), Decimal(price), int(expires), gen, tier or None)
 
 
 _STORE_ATTEMPTS = 5
@@ -122,7 +125,21 @@ class CartService:
 
     def _lines(self, user: str) -> list[Line]:
         raw = self.redis.hgetall(keys.cart(user))
-        return [Line.loads(item_id, body) for item_id, body in raw.items()]
+        return self._with_skus([Line.loads(item_id, body) for item_id, body in raw.items()])
+
+    def _with_skus(self, lines: list[Line], version: int | None = None) -> list[Line]:
+        """Fill in each line's sku from the catalog cache (a deleted variant keeps an empty one)."""
+        if not lines:
+            return lines
+        if version is None:
+            version = self.pricing.read_catalog_version()
+        for line in lines:
+            if not line.sku:
+                try:
+                    line.sku = self.pricing.variant_info(line.variant_id, catalog_version=version).sku
+                except NotFound:
+                    line.sku = ""
+        return lines
 
     def _liveness(self, lines: list[Line], now: int | None = None) -> dict[str, bool]:
         now = clock.now_ms() if now is None else now
@@ -159,7 +176,8 @@ class CartService:
         if info.product_status != "active":
             raise ProductNotActive(f"Product {info.product_id} is not active", {"product_id": info.product_id,
                                                                               "status": info.product_status})
-        lines = {item: Line.loads(item, body) for item, body in raw_cart.items()}
+        lines = {line.item_id: line for line in self._with_skus(
+            [Line.loads(item, body) for item, body in raw_cart.items()], version)}
         existing = lines.get(item_id)
         hold = unpack_hold(raw_hold)
         current = hold.quantity if existing and hold and _line_is_live(existing, hold, now) else 0
@@ -229,7 +247,7 @@ class CartService:
         raw = self.redis.hget(keys.cart(user), item_id)
         if raw is None:
             raise NotFound("cart item", item_id)
-        return user, Line.loads(item_id, raw)
+        return user, self._with_skus([Line.loads(item_id, raw)])[0]
 
     def change_quantity(self, item_id: str, quantity: int) -> dict:
         """Make a line `quantity` units: reserves or returns the difference, renews the hold, re-prices."""

@@ -31,7 +31,8 @@ local function dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
     redis.call("HINCRBY", stockKey, "available", h.qty)
     redis.call("HINCRBY", stockKey, "reserved", -h.qty)
   end
-  if h.user ~= "" then
+  -- customers are counted only while MAX_UNITS_PER_CUSTOMER is set (see reserveHold)
+  if h.user ~= "" and redis.call("HEXISTS", custKey, h.user) == 1 then
     local left = redis.call("HINCRBY", custKey, h.user, -h.qty)
     if left <= 0 then redis.call("HDEL", custKey, h.user) end
   end

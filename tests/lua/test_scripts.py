@@ -71,7 +71,10 @@ def test_reserve_moves_units_from_available_into_one_hold(engine, vid, t0, redis
     assert (h.quantity, h.expires_ms, h.state, h.user, h.gen) == (3, t0 + TTL, "held", "u1", r.gen)
     assert redis_client.zscore(keys.hold_expiry(vid), r.hold_id) == t0 + TTL
     assert 0 < redis_client.pttl(keys.hold_timer(vid, r.hold_id)) <= TTL
-    assert redis_client.hget(keys.customer_units(vid), "u1") == "3"
+    # customers are counted only while a per-customer limit is set
+    assert redis_client.hget(keys.customer_units(vid), "u1") is None
+    engine.reserve(vid, "u9", 2, now=t0, ttl_ms=TTL, limit=5)
+    assert redis_client.hget(keys.customer_units(vid), "u9") == "2"
 
 
 def test_reserve_script_answers_ok_with_available_hold_size_expiry_and_generation(engine, vid, t0):
@@ -294,7 +297,7 @@ def test_unlock_with_another_generation_does_nothing(engine, vid, t0):
 # --- finalize -----------------------------------------------------------------------------------
 
 def test_finalize_takes_the_units_out_of_reserved_for_good_and_is_idempotent(engine, vid, t0, redis_client):
-    r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
+    r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL, limit=10)
     lock(engine, vid, "u1", now=t0)
     item = Finalization(vid, r.hold_id, r.gen, 3, "u1", new_version=1)
     assert engine.finalize_many([item]) == [1]
@@ -307,7 +310,8 @@ def test_finalize_takes_the_units_out_of_reserved_for_good_and_is_idempotent(eng
 
 
 def test_finalize_of_a_gone_hold_takes_the_units_from_available_when_only_this_order_is_missing(
-        engine, vid, t0, redis_client):
+        engine, vid, t0, redis_client, monkeypatch):
+    monkeypatch.setattr(engine, "settings", engine.settings.with_(max_units_per_customer=10))
     engine.counters([vid])
     hid = hold_id_for(vid, "u1")
     item = Finalization(vid, hid, "g-lost", 3, "u1", new_version=1)
