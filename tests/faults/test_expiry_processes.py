@@ -9,6 +9,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from app import clock
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, wait_for
 from tests.factories import make_variants
@@ -132,9 +134,36 @@ def test_after_redis_restarts_empty_lapsed_holds_are_still_released_by_the_runni
     wait_for(lambda: _reserved(c, variants) == 0, timeout=20, interval=0.05,
              message="lapsed holds released after the empty restart")
     released_in = time.monotonic() - created  # reported, not bounded: the point here is that it happens
-    assert listener.poll() is None and worker.poll() is None and scheduler.poll() is None
+    # (the worker survives only if no job was running at the moment: see the xfail test below)
+    assert listener.poll() is None and scheduler.poll() is None
     assert_stock_exact(c, variants)
     with capsys.disabled():
         print(f"\n[redis restarted empty under listener/worker/scheduler] schedule re-installed, 40 holds "
               f"(ttl {TTL_MS} ms) released {released_in:.2f}s after creation, "
-              f"{created - restarted:.2f}s after the restart; no process restarted")
+              f"{created - restarted:.2f}s after the restart; listener and scheduler not restarted")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "`inventory worker` exits 1 when Redis goes away while a job runs: rq's worker quits on the "
+    "ConnectionError raised while it finishes the job (heartbeat), and jobs/scheduler.py run_worker "
+    "does not start a new one"))
+def test_the_worker_outlives_a_redis_outage_during_a_job(base_env, build, own_redis, processes):
+    server = own_redis(persist=True)
+    env = {**base_env, "REDIS_URL": server.url, "LOG_LEVEL": "INFO"}
+    _, c = build(env)
+    from rq import Queue
+
+    from jobs.scheduler import rq_connection
+    from jobs.tasks import QUEUE
+
+    worker = processes.inventory("worker", "worker", env)
+    # a job still running when Redis goes away (a long sweep or reconcile, in production)
+    Queue(QUEUE, connection=rq_connection(c.settings)).enqueue("time.sleep", 2)
+    wait_for(lambda: "time.sleep(2)" in _log(worker), timeout=30, interval=0.05, message="the job to start")
+    server.stop()
+    # the job ends about 2 s after it started, with Redis down; give the worker 5 s to show what it does
+    deadline = time.monotonic() + 5
+    while worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    own_redis.restart(server, persist=True)
+    assert worker.poll() is None, _log(worker)[-400:]
