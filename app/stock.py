@@ -55,6 +55,7 @@ class Reservation:
     expires_ms: int
     available: int
     gen: str
+    also: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,13 @@ class StockEngine:
     # -- holds ------------------------------------------------------------------------------------
 
     def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
-                now: int | None = None, ttl_ms: int | None = None, limit: int | None = None) -> Reservation:
-        """Reserve `quantity` more units (mode "add") or make the hold exactly `quantity` (mode "set").
+                now: int | None = None, ttl_ms: int | None = None, limit: int | None = None,
+                also: Sequence[tuple] = ()) -> Reservation:
+        """Reserve `quantity` more units (mode "add"), make the hold exactly `quantity` (mode "set"),
+        or give back `quantity` units of it (mode "sub", to undo an add).
+
+        `also`: plain read commands, e.g. ("get", key), sent in the same round trip; their replies
+        are on the returned reservation's `also` (the caller's reads of its own keys ride along).
 
         Raises:
             InsufficientStock, LimitExceeded, CheckoutInProgress, NotFound (no such variant).
@@ -279,13 +285,17 @@ class StockEngine:
         args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
         ks = self._variant_keys(variant_id, hold_id) + [keys.sweep_index(variant_id)]
         hint = self._cmd("zadd", keys.due_hint(variant_id), {str(variant_id): now + ttl}, lt=True)
+        extra = [self._cmd(name, *args_) for name, *args_ in also]
+        replies: list = []
         for _ in range(2):
-            # one round trip on a single Redis: the script, and the listener's hint beside it
-            res = self._run([("script", "reserveHold", ks, args), hint])[0]
+            # one round trip on a single Redis: the script, the listener's hint and the caller's reads
+            res, _, *more = self._run([("script", "reserveHold", ks, args), hint, *extra])
+            replies = replies or more
             code = res[0]
             if code == 1:
                 HOLDS.labels("reserved").inc()
-                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4])
+                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4],
+                                   tuple(replies))
             if code == -1:
                 self.rebuild_from_db([variant_id])
                 continue

@@ -12,6 +12,7 @@
   KEYS[6] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
   ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
   ARGV[6] mode: "add" (hold qty += qty) | "set" (hold qty = qty; 0 removes the hold)
+               | "sub" (hold qty -= qty, not below 0: undoes an "add" that must not stand)
   ARGV[7] per-customer limit (0 = none)   ARGV[8] gen for a fresh hold
 
   Returns:
@@ -28,7 +29,7 @@ local stockKey, holdsKey, expKey, custKey, timerKey, indexKey = KEYS[1], KEYS[2]
 local holdId, qty, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 
-if not qty or qty < 0 or (mode == "add" and qty == 0) or math.floor(qty) ~= qty then
+if not qty or qty < 0 or (mode ~= "set" and qty == 0) or math.floor(qty) ~= qty then
   return redis.error_reply("quantity must be a whole number, at least 1 (0 allowed in mode set)")
 end
 if redis.call("EXISTS", stockKey) == 0 then return {-1} end
@@ -47,6 +48,7 @@ local current = 0
 if h then current = h.qty end
 local target = qty
 if mode == "add" then target = current + qty end
+if mode == "sub" then target = math.max(current - qty, 0) end
 local need = target - current
 
 local available = counter(stockKey, "available")

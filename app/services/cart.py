@@ -164,7 +164,61 @@ class CartService:
         tier = user_tier.upper() if user_tier else None
         item_id = hold_id_for(variant_id, user)
         now = clock.now_ms()
+        cached = self.pricing.cached_variant_info(variant_id)
+        if shown_price is None and cached is not None and cached[0].product_status == "active":
+            reservation, info, version, raw_cart = self._reserve_first(variant_id, user, quantity, now, cached)
+            quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
+                                       catalog_version=version)
+            lines = {line.item_id: line for line in self._with_skus(
+                [Line.loads(item, body) for item, body in raw_cart.items()], version)}
+        else:
+            reservation, info, version, lines, quote = self._check_then_reserve(
+                variant_id, user, quantity, tier, shown_price, now)
+        line = Line(item_id, variant_id, info.sku, reservation.quantity, quote.unit_price,
+                    reservation.expires_ms, reservation.gen, tier)
+        lines[item_id] = line
 
+        others = [l for l in lines.values() if l.item_id != item_id]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.cart(user), item_id, line.dumps())
+        pipe.hget(keys.holds(variant_id), item_id)  # read back: did another add of this line land meanwhile?
+        for other in others:
+            pipe.hget(keys.holds(other.variant_id), other.item_id)
+        results = pipe.execute()
+        if _stale(line, unpack_hold(results[1])):
+            line = self._store_line(user, line, info.product_id, version)
+            lines[item_id] = line
+        live = {item_id: True}
+        for other, raw in zip(others, results[2:]):
+            live[other.item_id] = _line_is_live(other, unpack_hold(raw), now)
+        return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
+
+    def _reserve_first(self, variant_id: int, user: str, quantity: int, now: int, cached):
+        """The flash-sale path (no shown price, catalog cached): reserve, read the catalog version
+        and the cart in one round trip, then check the cache was current. If the catalog changed
+        and the product is no longer active, the units just taken go straight back."""
+        cached_info, cached_version = cached
+        reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
+                                          also=[("get", keys.catalog_version()), ("hgetall", keys.cart(user))])
+        raw_version, raw_cart = reservation.also
+        version = int(raw_version) if raw_version is not None else None
+        info = cached_info
+        if version != cached_version:
+            try:
+                info = self.pricing.variant_info(variant_id, catalog_version=version)
+            except NotFound:
+                self.engine.reserve(variant_id, user, quantity, mode="sub")
+                raise
+            if info.product_status != "active":
+                self.engine.reserve(variant_id, user, quantity, mode="sub")
+                raise ProductNotActive(f"Product {info.product_id} is not active",
+                                       {"product_id": info.product_id, "status": info.product_status})
+        return reservation, info, version, raw_cart
+
+    def _check_then_reserve(self, variant_id: int, user: str, quantity: int, tier: str | None,
+                            shown_price: Decimal | None, now: int):
+        """Every check before anything is reserved: a shown price that differs reserves nothing."""
+        item_id = hold_id_for(variant_id, user)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.catalog_version())
         pipe.hget(keys.holds(variant_id), item_id)
@@ -189,30 +243,12 @@ class CartService:
                 {"current_price": money(quote.unit_price), "price": money(shown_price),
                  "variant_id": variant_id},
             )
-
         reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now)
         if reservation.quantity != current + quantity:
             # the hold changed under us (a concurrent add by the same customer): price what is held
             quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
                                        catalog_version=version)
-        line = Line(item_id, variant_id, info.sku, reservation.quantity, quote.unit_price,
-                    reservation.expires_ms, reservation.gen, tier)
-        lines[item_id] = line
-
-        others = [l for l in lines.values() if l.item_id != item_id]
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.cart(user), item_id, line.dumps())
-        pipe.hget(keys.holds(variant_id), item_id)  # read back: did another add of this line land meanwhile?
-        for other in others:
-            pipe.hget(keys.holds(other.variant_id), other.item_id)
-        results = pipe.execute()
-        if _stale(line, unpack_hold(results[1])):
-            line = self._store_line(user, line, info.product_id, version)
-            lines[item_id] = line
-        live = {item_id: True}
-        for other, raw in zip(others, results[2:]):
-            live[other.item_id] = _line_is_live(other, unpack_hold(raw), now)
-        return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
+        return reservation, info, version, lines, quote
 
     def _store_line(self, user: str, line: Line, product_id: int, version: int | None) -> Line:
         """Write a cart line until it shows what its hold holds.

@@ -286,6 +286,15 @@ class PricingService:
         """A variant's sku, product and product status, from the same cache as prices; raises NotFound."""
         return self._variant(self._current_snapshot(catalog_version), variant_id)
 
+    def cached_variant_info(self, variant_id: int) -> Optional[tuple[VariantInfo, int]]:
+        """What the cache holds for a variant and the catalog version it was read at, without
+        asking Redis; None when not cached. The caller must check the version afterwards."""
+        snapshot = self._snapshot
+        info = snapshot.variants.get(variant_id)
+        if info is None or snapshot.version is None or not snapshot.fresh_for(snapshot.version):
+            return None
+        return info, snapshot.version
+
     def read_catalog_version(self) -> Optional[int]:
         """The catalog version in Redis (one GET); None when the key does not exist."""
         raw = self.redis.get(keys.catalog_version())
