@@ -112,7 +112,7 @@ def _reply(status: int, body: dict):
 # above document it (and validate it in tests) without a second serialisation on the hot path.
 
 @blp.route("/add/", methods=["POST"])
-@blp.arguments(AddSchema)
+@blp.arguments(AddSchema())
 @blp.response(201, ItemAndCartSchema)
 @blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
 @blp.alt_response(409, description="price_changed")
@@ -145,7 +145,7 @@ def get_cart(ref):
 
 
 @blp.route(_REF, methods=["PATCH"], parameters=_REF_PARAMETER)
-@blp.arguments(ChangeSchema)
+@blp.arguments(ChangeSchema())
 @blp.response(200, ItemAndCartSchema)
 @blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
 @blp.alt_response(404, description="not_found: no such cart item")
@@ -166,7 +166,7 @@ def remove(ref):
 
 
 @blp.route("/<string(maxlength=200):user_id>/checkout/", methods=["POST"])
-@blp.arguments(CheckoutSchema, required=False)
+@blp.arguments(CheckoutSchema(), required=False)
 @blp.response(201, OrderSchema)
 @blp.alt_response(400, description="empty_cart")
 @blp.alt_response(410, description="reservation_expired")

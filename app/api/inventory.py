@@ -42,7 +42,7 @@ _SECURED = {"security": [{"bearer": []}]}
 
 
 @blp.route("/")
-@blp.arguments(PageArgs, location="query")
+@blp.arguments(PageArgs(), location="query")
 @blp.response(200, StockListSchema)
 @blp.doc(summary="Stock rows: on_hand from the database, available/reserved live", **_SECURED)
 def list_stock(args):
@@ -58,7 +58,7 @@ def get_stock(variant_id):
 
 
 @blp.route("/<int(max=%d):variant_id>/" % MAX_ID, methods=["PUT"])
-@blp.arguments(SetOnHandSchema)
+@blp.arguments(SetOnHandSchema())
 @blp.response(200, StockRowSchema)
 @blp.alt_response(409, description="stock_below_reserved")
 @blp.doc(summary="Set on_hand (admin); written to the stock-movement ledger", **_SECURED)
@@ -67,7 +67,7 @@ def put_stock(body, variant_id):
 
 
 @blp.route("/<int(max=%d):variant_id>/adjust/" % MAX_ID, methods=["POST"])
-@blp.arguments(AdjustSchema)
+@blp.arguments(AdjustSchema())
 @blp.response(200, StockRowSchema)
 @blp.alt_response(409, description="stock_below_reserved")
 @blp.doc(summary="Change on_hand by delta (admin); written to the stock-movement ledger", **_SECURED)

@@ -34,7 +34,7 @@ class ReconcileReportSchema(ma.Schema):
 
 
 @blp.route("/reconcile/", methods=["POST"])
-@blp.arguments(ReconcileArgs, required=False)
+@blp.arguments(ReconcileArgs(), required=False)
 @blp.response(200, ReconcileReportSchema)
 @blp.doc(summary="Compare the live counters with the database; repair unless dry_run",
          security=[{"bearer": []}])

@@ -20,7 +20,7 @@ OrderListSchema = list_schema(OrderSchema, "OrderList")
 
 
 @blp.route("/")
-@blp.arguments(OrderListArgs, location="query")
+@blp.arguments(OrderListArgs(), location="query")
 @blp.response(200, OrderListSchema)
 @blp.doc(summary="Orders, newest first; ?user_id= for one customer's", security=[{"bearer": []}])
 def list_orders(args):

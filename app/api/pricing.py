@@ -21,7 +21,7 @@ ADMIN = [{"bearer": []}]
 
 # `rules` never matches `<int:product_id>`, so the two route families cannot capture each other.
 @blp.route("/<int:product_id>/price/")
-@blp.arguments(PriceQuerySchema, location="query", as_kwargs=True)
+@blp.arguments(PriceQuerySchema(), location="query", as_kwargs=True)
 @blp.response(200, QuoteSchema)
 @blp.alt_response(400, description="validation_error (also when variant_id belongs to another product)")
 @blp.alt_response(404, description="not_found: unknown product or variant")
@@ -32,14 +32,14 @@ def price(product_id, quantity, user_tier, variant_id, at):
 
 @blp.route("/rules/")
 class Rules(MethodView):
-    @blp.arguments(PageArgs, location="query", as_kwargs=True)
+    @blp.arguments(PageArgs(), location="query", as_kwargs=True)
     @blp.response(200, RuleListSchema)
     @blp.doc(summary="List pricing rules in id order")
     def get(self, page, per_page):
         items, total = container().pricing.list_rules(page, per_page)
         return page_of(items, page, per_page, total)
 
-    @blp.arguments(RuleInSchema)
+    @blp.arguments(RuleInSchema())
     @blp.response(201, RuleSchema)
     @blp.alt_response(404, description="not_found: unknown product_id or category_id")
     @blp.doc(summary="Create a pricing rule", security=ADMIN)
@@ -55,14 +55,14 @@ class RuleById(MethodView):
     def get(self, rule_id):
         return container().pricing.get_rule(rule_id)
 
-    @blp.arguments(RuleInSchema)
+    @blp.arguments(RuleInSchema())
     @blp.response(200, RuleSchema)
     @blp.alt_response(404, description="not_found: unknown rule, product_id or category_id")
     @blp.doc(summary="Replace a pricing rule (fields left out take their defaults)", security=ADMIN)
     def put(self, fields, rule_id):
         return container().pricing.replace_rule(rule_id, fields)
 
-    @blp.arguments(RulePatchSchema)
+    @blp.arguments(RulePatchSchema())
     @blp.response(200, RuleSchema)
     @blp.alt_response(404, description="not_found: unknown rule, product_id or category_id")
     @blp.doc(summary="Change some fields of a pricing rule", security=ADMIN)
