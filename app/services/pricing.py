@@ -187,6 +187,9 @@ class _Snapshot:
     rules: Optional[tuple[pricing.Rule, ...]] = None
     products: dict[int, ProductInfo] = field(default_factory=dict)
     variants: dict[int, VariantInfo] = field(default_factory=dict)
+    # quotes for "now": (product, variant, quantity, tier) -> (quote, valid until); see _quote_now
+    quotes: dict[tuple, tuple[pricing.Quote, datetime]] = field(default_factory=dict)
+    next_boundary: Optional[datetime] = None
 
     def fresh_for(self, version: Optional[int]) -> bool:
         return (version is not None and self.version == version
@@ -260,6 +263,9 @@ class PricingService:
                                     f"not product {product_id}."]},
                 )
             adjustment = variant.price_adjustment
+        tier = user_tier.upper() if user_tier else None
+        if at is None:
+            return self._quote_now(snapshot, product, product_id, variant_id, adjustment, quantity, tier)
         return pricing.quote(
             base_price=product.base_price,
             variant_adjustment=adjustment,
@@ -273,6 +279,31 @@ class PricingService:
             category_ids=product.category_ids,
             currency=self.settings.currency,
         )
+
+    def _quote_now(self, snapshot: _Snapshot, product: ProductInfo, product_id: int, variant_id: Optional[int],
+                   adjustment: Decimal, quantity: int, tier: Optional[str]) -> pricing.Quote:
+        """A price for now, from the snapshot's quote cache while no seasonal rule starts or ends:
+        the same inputs under the same rules give the same quote (add-to-cart asks for the same
+        few prices over and over in a flash sale)."""
+        now = utcnow()
+        rules = self._rules(snapshot)
+        if snapshot.next_boundary is None or now >= snapshot.next_boundary:
+            # a quote made now stays right until the next seasonal start or end after now
+            upcoming = [b for r in rules for b in (r.starts_at, r.ends_at) if b is not None and b > now]
+            snapshot.quotes = {}
+            snapshot.next_boundary = min(upcoming) if upcoming else datetime.max.replace(tzinfo=now.tzinfo)
+        key = (product_id, variant_id, quantity, tier)
+        cached = snapshot.quotes.get(key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        quote = pricing.quote(
+            base_price=product.base_price, variant_adjustment=adjustment, quantity=quantity, user_tier=tier,
+            at=now, rules=rules, stacking=self.settings.pricing_stacking, product_id=product_id,
+            variant_id=variant_id, category_ids=product.category_ids, currency=self.settings.currency)
+        if len(snapshot.quotes) >= CACHE_MAX_ENTRIES:
+            snapshot.quotes.clear()
+        snapshot.quotes[key] = (quote, snapshot.next_boundary)
+        return quote
 
     def price_variant(self, variant_id: int, quantity: int = 1, user_tier: Optional[str] = None,
                       at: Optional[datetime] = None, *, catalog_version: Optional[int] = None) -> pricing.Quote:
