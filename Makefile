@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 # DATABASE_URL and REDIS_URL pass through from the environment (make exports what it inherited):
 # set, the tests and `make run` use those stores; unset, an embedded Redis and SQLite.
 
-.PHONY: run test clean venv
+.PHONY: run test clean venv bench
 
 run: $(STAMP)
 	exec $(BIN)/inventory run
@@ -18,6 +19,10 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
+# `make bench` (about 5 minutes) or `make bench QUICK=1` (under 2): see bench/README.md.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick)
+
 venv: $(STAMP)
 
 $(BIN)/python:
@@ -26,6 +31,10 @@ $(BIN)/python:
 # Reinstall only when the package definition changed since the last install.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+$(BENCH_STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	@touch $@
 
 clean:

@@ -1,0 +1,476 @@
+"""Targets, the table, the JSON, the markdown and the chart of one run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OLD_HTTP_ADDS_PER_SECOND = 430  # the implementation this service replaces (the issue's figure)
+
+
+# --- machine ----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    mem = ""
+    try:
+        kb = int(
+            next(
+                l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")
+            ).split()[1]
+        )
+        mem = f"{kb / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {
+        "nproc": usable,
+        "cpu_model": model or platform.processor(),
+        "memory": mem,
+        "code": code_revision(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def code_revision() -> str:
+    """The commit measured, and whether the engine's code differed from it (a shared working tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "app", "lua", "jobs", "persistence", "wsgi.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = sorted({line[3:] for line in dirty if line.strip()})
+    return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+def _row(results: dict, workload: str, processes: int) -> dict | None:
+    for row in results.get("engine", {}).get("rows", []):
+        if row["workload"] == workload and row["processes"] == processes:
+            return row
+    return None
+
+
+def targets(results: dict, quick: bool) -> list[dict]:
+    """Each target of the issue as (name, measured, bound, PASS/MISS/SKIP), all from this run's numbers."""
+    out = []
+
+    def add(name, value, ok, bound, note=""):
+        status = "SKIP" if value is None else ("PASS" if ok else "MISS")
+        out.append({"target": name, "measured": value, "bound": bound, "status": status, "note": note})
+
+    eng = results.get("engine")
+    if eng:
+        hot = _row(results, "hot", 64)
+        if hot:
+            other = max(hot[a].get("other_cores") or 0 for a in ("engine", "lua"))
+            noisy = f"other processes used {other:.2f} cores meanwhile: a noisy row" if other >= 0.25 else ""
+            add(
+                "engine, hot variant, 64 procs: engine / row lock",
+                hot["engine_vs_rowlock"],
+                (hot["engine_vs_rowlock"] or 0) >= 25,
+                ">= 25x",
+                noisy if hot.get("rowlock") else "no Postgres: row lock skipped",
+            )
+            add(
+                "engine, hot variant, 64 procs: engine / minimal Lua",
+                hot["engine_vs_lua"],
+                (hot["engine_vs_lua"] or 0) >= 0.8,
+                ">= 0.80",
+                noisy,
+            )
+    web = results.get("http")
+    if web:
+        add(
+            "http: add-to-cart / GET /healthz throughput",
+            web["add_vs_healthz"],
+            (web["add_vs_healthz"] or 0) >= 0.5,
+            ">= 0.50",
+        )
+        p99 = web["add_to_cart"]["p99_ms"]
+        add("http: add-to-cart p99 at 64 connections (ms)", p99, p99 < 50, "< 50")
+        rate = web["add_to_cart"]["per_second"]
+        add(
+            "http: add-to-cart per second vs the old ~430/s",
+            rate,
+            rate >= 10 * OLD_HTTP_ADDS_PER_SECOND,
+            f">= {10 * OLD_HTTP_ADDS_PER_SECOND:,} (10x)",
+            "an absolute figure from the issue, machine-dependent",
+        )
+    exp = results.get("expiry")
+    if exp:
+        lag = exp.get("lag", {})
+        add(
+            "expiry: listener release lag p99, holds lapsing one by one (ms)",
+            lag.get("p99_ms"),
+            lag.get("ok") and lag.get("p99_ms", math.inf) < 1000,
+            "< 1000",
+        )
+        loaded = exp.get("lag_loaded")
+        if loaded:
+            add(
+                f"expiry: the same beside {loaded['other_live_holds']:,} other live holds (ms)",
+                loaded.get("p99_ms"),
+                loaded.get("ok") and loaded.get("p99_ms", math.inf) < 1000,
+                "< 1000",
+                "not one of the issue's targets: shows how the lag grows with live holds",
+            )
+        lst = exp.get("listener", {})
+        add(
+            "expiry: 10,000 holds lapsing together, all back with the listener (s)",
+            lst.get("all_back_s"),
+            lst.get("ok") and (lst.get("all_back_s") or math.inf) <= 5,
+            "<= 5",
+        )
+        sw = exp.get("sweeper", {})
+        bound = exp["sweep_interval_s"] + 2
+        add(
+            "expiry: the same with the sweeper alone (s)",
+            sw.get("all_back_s"),
+            sw.get("ok") and (sw.get("all_back_s") or math.inf) <= bound,
+            f"<= {bound} (SWEEP_INTERVAL_SECONDS + 2)",
+        )
+    rec = results.get("reconcile")
+    if rec:
+        scale = 100_000 / rec["variants"]
+        for phase in ("dry_run", "repair"):
+            secs = rec[phase]["seconds"] * scale
+            add(
+                f"reconcile 100,000 variants, {phase.replace('_', ' ')} (s)",
+                round(secs, 2),
+                secs < 30,
+                "< 30",
+                f"measured on {rec['variants']:,}, scaled x{scale:g}" if scale != 1 else "",
+            )
+    mem = results.get("memory")
+    if mem:
+        add(
+            "memory: bytes per live hold, cart line included",
+            mem["bytes_per_hold"],
+            mem["bytes_per_hold"] <= 600,
+            "<= 600",
+            f"over {mem['holds']:,} holds",
+        )
+    checks = invariant_checks(results)
+    if checks:
+        broken = [name for name, ok in checks if not ok]
+        add(
+            "correctness: invariant after every benchmark",
+            f"{len(checks) - len(broken)}/{len(checks)} held",
+            not broken,
+            "all",
+            "broken: " + ", ".join(broken) if broken else "",
+        )
+    cor = results.get("correctness")
+    if cor:
+        engine = next(r for r in cor["races"] if r["seller"].startswith("engine"))
+        add(
+            "correctness: engine oversold under the race (units)",
+            engine["oversold"],
+            engine["oversold"] == 0 and engine["sold"] == engine["stock"],
+            "0, and exactly the stock sold",
+        )
+    return out
+
+
+def invariant_checks(results: dict) -> list[tuple[str, bool]]:
+    checks = []
+    for row in results.get("engine", {}).get("rows", []):
+        for approach in ("engine", "lua", "rowlock"):
+            if row.get(approach):
+                checks.append(
+                    (
+                        f"engine/{row['workload']}/{row['processes']}/{approach}",
+                        row[approach]["invariant"]["ok"],
+                    )
+                )
+    if "http" in results:
+        checks.append(("http", results["http"]["invariant"]["ok"]))
+    if "expiry" in results:
+        for k in ("lag", "lag_loaded", "listener", "sweeper"):
+            if k in results["expiry"]:
+                checks.append((f"expiry/{k}", bool(results["expiry"][k].get("ok"))))
+    if "reconcile" in results:
+        checks.append(("reconcile", results["reconcile"]["invariant"]["ok"]))
+    if "memory" in results:
+        checks.append(("memory", results["memory"]["invariant"]["ok"]))
+    for race in results.get("correctness", {}).get("races", []):
+        if "invariant" in race:
+            checks.append(("correctness/engine", race["invariant"]["ok"]))
+    return checks
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def _cell(s: dict | None) -> str:
+    if not s:
+        return "skipped"
+    return f"{s['per_second']:>9,.0f} ({s['p50_ms']:.2f}/{s['p99_ms']:.2f})"
+
+
+def table(results: dict) -> str:
+    """The whole run as a plain-text table (also used, fenced, in the markdown)."""
+    m, lines = results["machine"], []
+    lines.append(
+        f"Inventory engine benchmarks, {'QUICK' if results['quick'] else 'full'} run, {results['started_at']}"
+    )
+    v = results.get("versions", {})
+    db = (
+        f"Postgres {v['postgres']} (synchronous_commit {v.get('postgres_synchronous_commit')})"
+        if "postgres" in v
+        else "SQLite (no Postgres: row lock skipped)"
+    )
+    lines.append(
+        f"machine: {m['nproc']} cores, {m['cpu_model']}, {m['memory']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, Redis {v.get('redis', '?')}, {db}"
+    )
+    lines.append(
+        f"code: {m.get('code', '?')}; load average at start {m['load_average_start']}, "
+        f"at end {m.get('load_average_end')}"
+    )
+    eng = results.get("engine")
+    if eng:
+        lines.append("")
+        rounds = eng.get("rounds", 1)
+        how = (
+            f"the median of {rounds} interleaved rounds of {eng['seconds'] / rounds:g} s"
+            if rounds > 1
+            else f"{eng['seconds']:g} s per case"
+        )
+        lines.append(
+            f"ENGINE: reservations/s (p50/p99 ms), {how}, 1 unit per reservation, "
+            f"a new customer each; hot: 1 variant, 1000: {eng['spread_variants']:,} variants at random"
+        )
+        lines.append(
+            f"{'workload':<8} {'procs':>5}  {'engine':<26}{'minimal Lua':<26}{'row lock':<26}"
+            f"{'eng/lua':>8} {'eng/rowlock':>11} {'other load':>10}"
+        )
+        for row in eng["rows"]:
+            ratio_rl = f"{row['engine_vs_rowlock']:.1f}x" if row["engine_vs_rowlock"] else "-"
+            other = [
+                row[a]["other_cores"] for a in ("engine", "lua") if row.get(a) and "other_cores" in row[a]
+            ]
+            other_s = f"{sum(other) / len(other):.2f}" if other else "-"
+            lines.append(
+                f"{row['workload']:<8} {row['processes']:>5}  {_cell(row['engine']):<26}"
+                f"{_cell(row['lua']):<26}{_cell(row.get('rowlock')):<26}"
+                f"{row['engine_vs_lua']:>8.2f} {ratio_rl:>11} {other_s:>10}"
+            )
+        lines.append(
+            f"other load: cores (of {m['nproc']}) used by processes outside this benchmark while the engine "
+            "and Lua rounds shown were measured"
+        )
+    web = results.get("http")
+    if web:
+        lines.append("")
+        lines.append(
+            f"HTTP: gunicorn (app/gunicorn_conf.py, {web['workers']} sync workers, "
+            f"APP_ENV={web['app_env']}), "
+            f"{web['connections']} connections, {web['seconds']:g} s, load generator {web['tool']}"
+        )
+        lines.append(f"{'endpoint':<30}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs healthz':>12}   other")
+        names = {
+            "healthz": "GET /healthz",
+            "price": "GET /api/pricing/<p>/price/",
+            "add_to_cart": "POST /api/cart/add/",
+        }
+        for key, label in names.items():
+            r = web[key]
+            ratio = r["per_second"] / web["healthz"]["per_second"] if web["healthz"]["per_second"] else 0
+            lines.append(
+                f"{label:<30}{r['per_second']:>9,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{ratio:>12.2f}"
+                f"   400: {r['insufficient_or_400']}, other: {r['other_status']}, "
+                f"socket errors: {r['socket_errors']}"
+                + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
+            )
+    exp = results.get("expiry")
+    if exp:
+        lines.append("")
+        lines.append("EXPIRY (production processes: inventory listen / inventory scheduler + worker)")
+        lag = exp["lag"]
+        lines.append(
+            f"release lag, {lag['holds']} holds lapsing one every {lag['gap_ms']} ms, listener: "
+            f"p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms"
+        )
+        if "lag_loaded" in exp:
+            lo = exp["lag_loaded"]
+            lines.append(
+                f"the same beside {lo['other_live_holds']:,} other live holds: p50 {lo['p50_ms']} ms, "
+                f"p99 {lo['p99_ms']} ms, max {lo['max_ms']} ms"
+            )
+        lst, sw = exp["listener"], exp["sweeper"]
+        lines.append(
+            f"{exp['holds_together']:,} holds lapsing together, listener: all back after "
+            f"{lst['all_back_s']} s (first after {lst['first_back_s']} s)"
+        )
+        lines.append(
+            f"{exp['holds_together']:,} holds lapsing together, sweeper alone every "
+            f"{exp['sweep_interval_s']} s: all back after {sw['all_back_s']} s"
+        )
+    rec = results.get("reconcile")
+    if rec:
+        lines.append("")
+        lines.append(
+            f"RECONCILE {rec['variants']:,} variants ({rec['held_variants']:,} with a hold, "
+            f"{rec['drifted_variants']:,} drifted): build counters {rec['build_counters_s']} s, "
+            f"dry run {rec['dry_run']['seconds']} s (found {rec['dry_run']['drifted']}), repair "
+            f"{rec['repair']['seconds']} s (repaired {rec['repair']['repaired']}), check "
+            f"{rec['after']['seconds']} s (found {rec['after']['drifted']})"
+        )
+    mem = results.get("memory")
+    if mem:
+        lines.append("")
+        b = mem["memory_usage_breakdown"]
+        lines.append(
+            f"MEMORY {mem['holds']:,} holds through CartService.add over {mem['variants']} variants: "
+            f"{mem['bytes_per_hold']:.0f} bytes per live hold, cart line included"
+        )
+        lines.append("  MEMORY USAGE per hold: " + ", ".join(f"{k} {v:g}" for k, v in b.items()))
+    cor = results.get("correctness")
+    if cor:
+        lines.append("")
+        lines.append(
+            f"CORRECTNESS: {cor['processes']} processes racing for {cor['stock']} units "
+            f"(each up to {cor['attempts_per_process']} single-unit attempts)"
+        )
+        for race in cor["races"]:
+            inv = race.get("invariant")
+            extra = (
+                f", invariant {'held' if inv['ok'] else 'BROKEN: ' + '; '.join(inv['problems'])}"
+                if inv
+                else ""
+            )
+            lines.append(
+                f"  {race['seller']:<34} sold {race['sold']:>4}  oversold {race['oversold']:>3}{extra}"
+            )
+        checks = invariant_checks(results)
+        lines.append(
+            f"  invariant (available + reserved == on_hand, reserved == live holds, every acknowledged "
+            f"reservation held once): {sum(ok for _, ok in checks)}/{len(checks)} checks held"
+        )
+    lines.append("")
+    lines.append("TARGETS")
+    for t in results["targets"]:
+        value = t["measured"]
+        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+        note = f"  [{t['note']}]" if t["note"] else ""
+        lines.append(f"  {t['status']:<4}  {t['target']}: {shown} (target {t['bound']}){note}")
+    return "\n".join(lines)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def write_files(results: dict, text: str) -> dict:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if results["quick"] else ""
+    stamp = (
+        results["started_at"]
+        .replace(":", "")
+        .replace("-", "")
+        .replace(" ", "-")
+        .replace("UTC", "")
+        .strip("-")
+    )
+    paths = {
+        "json": RESULTS / f"bench-{stamp}{suffix}.json",
+        "latest_json": RESULTS / f"latest{suffix}.json",
+        "markdown": RESULTS / f"latest{suffix}.md",
+    }
+    body = json.dumps(results, indent=1, default=str)
+    paths["json"].write_text(body)
+    paths["latest_json"].write_text(body)
+    paths["markdown"].write_text(
+        f"# Latest {'QUICK ' if results['quick'] else ''}benchmark run\n\n"
+        f"`{results['command']}`\n\n```\n{text}\n```\n"
+    )
+    chart = chart_engine(results, RESULTS / f"engine{suffix}.png")
+    if chart:
+        paths["chart"] = chart
+    return {k: str(v) for k, v in paths.items()}
+
+
+def chart_engine(results: dict, path: Path) -> Path | None:
+    """Throughput and p99 against client processes for the three engine approaches."""
+    eng = results.get("engine")
+    if not eng:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib is not installed (pip install -e '.[bench]'): no chart")
+        return None
+    labels = {
+        "engine": "engine (StockEngine.reserve)",
+        "lua": "minimal Lua reserve",
+        "rowlock": "row lock (Postgres)",
+    }
+    colors = {"engine": "tab:blue", "lua": "tab:green", "rowlock": "tab:red"}
+    styles = {"hot": ("-", "o", "1 hot variant"), "1000": ("--", "s", "1,000 variants")}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.4))
+    for workload, (ls, marker, wlabel) in styles.items():
+        rows = [r for r in eng["rows"] if r["workload"] == workload]
+        for approach in ("engine", "lua", "rowlock"):
+            pts = [(r["processes"], r[approach]) for r in rows if r.get(approach)]
+            if not pts:
+                continue
+            xs = [p for p, _ in pts]
+            kw = dict(
+                color=colors[approach], linestyle=ls, marker=marker, label=f"{labels[approach]}, {wlabel}"
+            )
+            ax1.plot(xs, [s["per_second"] for _, s in pts], **kw)
+            ax2.plot(xs, [s["p99_ms"] for _, s in pts], **kw)
+    for ax, title, unit in ((ax1, "Throughput", "reservations / s"), (ax2, "p99 latency", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        procs = sorted({r["processes"] for r in eng["rows"]})
+        ax.set_xticks(procs)
+        ax.set_xticklabels([str(p) for p in procs])
+        ax.set_xlabel("client processes")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, names = ax1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    m = results["machine"]
+    fig.suptitle(
+        f"Reservations on {m['nproc']} cores ({m['cpu_model']}), {results['started_at']}", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,389 @@
+"""HTTP benchmark: add-to-cart and price lookups through gunicorn, beside a trivial endpoint.
+
+The server is the production one: `gunicorn -c python:app.gunicorn_conf wsgi:app` with APP_ENV=production,
+API keys, a Prometheus multiprocess directory (as docker-compose.yml runs it), on the bench Redis and
+database. One active product with one variant (10**9 units, so nothing is refused) and two pricing rules.
+Each endpoint gets a warm-up run, then a measured run at 64 concurrent connections:
+
+- GET  /healthz                                   the trivial JSON endpoint (the yardstick)
+- GET  /api/pricing/<product>/price/?variant_id=  a price lookup (public)
+- POST /api/cart/add/                             add-to-cart, a distinct user id per request (storefront key)
+
+The load generator is wrk when it is on the PATH (a Lua script makes the user ids and counts statuses),
+else a small multiprocess Python client; the result says which. Only 2xx responses count as served;
+400 insufficient_stock and anything else are counted apart.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.embedded import free_port
+from app.settings import ROOT
+from app.stock import unpack_hold
+from app import keys
+from bench.clients import cpu_snapshot, cpu_use, run_clients
+from bench.stores import Stores, seed_rules, seed_variants, sessions_for
+
+CONNECTIONS = 64
+WRK_THREADS = 2
+STOCK = 10**9
+STOREFRONT_KEY = "bench-storefront-key-0001"
+ADMIN_KEY = "bench-admin-key-0001"
+
+WRK_SCRIPT = r"""
+-- Counts responses by status; for add-to-cart makes a distinct user id per request.
+-- args: mode (get|add) variant_id user_prefix bearer_token
+local threads = {}
+local next_tid = 1
+
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  mode, vid, prefix, token = args[1], args[2], args[3], args[4]
+  n, s2xx, s400, sother = 0, 0, 0, 0
+  if mode == "add" then
+    wrk.method = "POST"
+    wrk.headers["Content-Type"] = "application/json"
+  end
+  if token ~= nil and token ~= "" then wrk.headers["Authorization"] = "Bearer " .. token end
+end
+
+function request()
+  if mode ~= "add" then return wrk.format() end
+  n = n + 1
+  local user = prefix .. "-" .. tid .. "-" .. n
+  local body = '{"user_id":"' .. user .. '","variant_id":' .. vid .. ',"quantity":1}'
+  return wrk.format(nil, nil, nil, body)
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then s2xx = s2xx + 1
+  elseif status == 400 then s400 = s400 + 1
+  else sother = sother + 1 end
+end
+
+function done(summary, latency, requests)
+  local ok, bad, other = 0, 0, 0
+  for _, t in ipairs(threads) do
+    ok = ok + t:get("s2xx"); bad = bad + t:get("s400"); other = other + t:get("sother")
+  end
+  local e = summary.errors
+  io.write(string.format('BENCH_RESULT {"requests":%d,"duration_us":%d,"ok":%d,"s400":%d,"other":%d,' ..
+    '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
+    summary.requests, summary.duration, ok, bad, other, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+class Server:
+    """gunicorn with the production config on a free port; stopped by pid."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.env, self.log_path, self.process = env, log_path, None
+        self.port = int(env["PORT"])
+
+    def start(self, timeout: float = 60) -> "Server":
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                status, _ = request("127.0.0.1", self.port, "GET", "/readyz")
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not become ready within {timeout:.0f}s; see {self.log_path}")
+
+    def pids(self) -> list[int]:
+        """The master and its workers."""
+        if self.process is None:
+            return []
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return [self.process.pid] + [int(p) for p in children.read_text().split()]
+        except OSError:
+            return [self.process.pid]
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+def request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = 5,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _with_wrk(cpu: dict, rusage_before) -> dict:
+    """Move wrk's CPU (a child we reaped during the window) from "other" to "ours"."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    secs = cpu.get("seconds") or 1
+    wrk_cores = ((after.ru_utime - rusage_before.ru_utime) + (after.ru_stime - rusage_before.ru_stime)) / secs
+    cpu = dict(cpu)
+    cpu["our_cores"] = round(cpu["our_cores"] + wrk_cores, 2)
+    cpu["other_cores"] = round(max(0.0, cpu["other_cores"] - wrk_cores), 2)
+    return cpu
+
+
+# --- load generators ------------------------------------------------------------------------------
+
+
+def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str]) -> dict:
+    cmd = [
+        wrk,
+        f"-t{WRK_THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        *args,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.MULTILINE)
+    if not match:
+        raise RuntimeError(
+            f"wrk printed no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}"
+        )
+    raw = json.loads(match.group(1))
+    secs = raw["duration_us"] / 1e6
+    return {
+        "tool": "wrk",
+        "requests": raw["requests"],
+        "seconds": round(secs, 3),
+        "ok": raw["ok"],
+        "insufficient_or_400": raw["s400"],
+        "other_status": raw["other"],
+        "socket_errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
+        "per_second": round(raw["ok"] / secs, 1),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p90_ms": raw["p90_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+        "wrk_output": out.stdout.strip(),
+    }
+
+
+class Refused(Exception):
+    """A 400 (insufficient stock): counted apart."""
+
+
+def python_setup(port: int, method: str, path: str, body_for, headers: dict):
+    def setup(index: int):
+        seq = itertools.count()
+        conn = [http.client.HTTPConnection("127.0.0.1", port, timeout=10)]
+
+        def op() -> bool:
+            body = body_for(index, next(seq)) if body_for else None
+            try:
+                conn[0].request(method, path, body=body, headers=headers)
+                response = conn[0].getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                raise
+            if response.will_close:  # gunicorn's sync workers close after each response
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            if 200 <= response.status < 300:
+                return True
+            if response.status == 400:
+                return False
+            raise RuntimeError(f"HTTP {response.status}")
+
+        return op, lambda: conn[0].close()
+
+    return setup
+
+
+def run_python(port: int, seconds: float, method: str, path: str, body_for, headers: dict) -> dict:
+    result = run_clients(python_setup(port, method, path, body_for, headers), CONNECTIONS, seconds, warmup=0)
+    s = result.summary()
+    return {
+        "tool": "python",
+        "requests": result.ok + result.refused + result.errors,
+        "seconds": s["seconds"],
+        "ok": result.ok,
+        "insufficient_or_400": result.refused,
+        "other_status": result.errors,
+        "socket_errors": 0,
+        "per_second": s["per_second"],
+        "p50_ms": s["p50_ms"],
+        "p90_ms": round(result.pct_ms(90), 3),
+        "p99_ms": s["p99_ms"],
+        "max_ms": s["max_ms"],
+    }
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+
+def run(stores: Stores, *, seconds: float, warmup_seconds: float, log=print) -> dict:
+    engine_db, sessions = sessions_for(stores.database_url)
+    product_id, (vid,) = seed_variants(sessions, 1, on_hand=STOCK)
+    seed_rules(sessions, product_id)
+    engine_db.dispose()
+    port = free_port()
+    prom_dir = stores.workdir / "prometheus"
+    shutil.rmtree(prom_dir, ignore_errors=True)
+    server_env = stores.env(
+        PORT=str(port),
+        WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY", "4"),
+        PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
+    )
+    if stores.postgres:
+        server_env.update(APP_ENV="production", API_KEYS=f"admin:{ADMIN_KEY},storefront:{STOREFRONT_KEY}")
+    auth = STOREFRONT_KEY if stores.postgres else ""
+    wrk = shutil.which("wrk")
+    tool = "wrk" if wrk else "python (wrk not on PATH)"
+    log(
+        f"  http load generator: {tool}; gunicorn workers {server_env['WEB_CONCURRENCY']}, "
+        f"{CONNECTIONS} connections"
+    )
+    script = stores.workdir / "bench.lua"
+    script.write_text(WRK_SCRIPT)
+    base = f"http://127.0.0.1:{port}"
+    endpoints = {
+        "healthz": ("GET", "/healthz"),
+        "price": ("GET", f"/api/pricing/{product_id}/price/?variant_id={vid}&quantity=1"),
+        "add_to_cart": ("POST", "/api/cart/add/"),
+    }
+    server = Server(server_env, stores.workdir / "gunicorn.log").start()
+    results: dict = {
+        "tool": "wrk" if wrk else "python",
+        "connections": CONNECTIONS,
+        "workers": int(server_env["WEB_CONCURRENCY"]),
+        "seconds": seconds,
+        "app_env": server_env["APP_ENV"],
+    }
+    served_adds = 0
+    try:
+        for run_no, phase in enumerate(("warmup", "measure")):
+            for name, (method, path) in endpoints.items():
+                secs = warmup_seconds if phase == "warmup" else seconds
+                prefix = f"{phase}{run_no}"
+                ours = server.pids() + [stores.redis_server.process.pid]
+                before, rusage_before = cpu_snapshot(ours), resource.getrusage(resource.RUSAGE_CHILDREN)
+                if wrk:
+                    args = ["add" if method == "POST" else "get", str(vid), prefix, auth]
+                    r = run_wrk(wrk, script, base + path, secs, args)
+                else:
+                    headers = {"Content-Type": "application/json"}
+                    if auth:
+                        headers["Authorization"] = f"Bearer {auth}"
+
+                    def body_for(i, n, prefix=prefix):
+                        return json.dumps(
+                            {"user_id": f"{prefix}-{i}-{n}", "variant_id": vid, "quantity": 1}
+                        ).encode()
+
+                    r = run_python(port, secs, method, path, body_for if method == "POST" else None, headers)
+                if wrk:  # the load generator is ours too (a reaped child: its CPU is in RUSAGE_CHILDREN)
+                    r["cpu"] = _with_wrk(cpu_use(before, cpu_snapshot(ours)), rusage_before)
+                if name == "add_to_cart":
+                    served_adds += r["ok"]
+                if phase == "measure":
+                    results[name] = r
+                    log(
+                        f"  http {name:<12} {r['per_second']:>8,.0f}/s  p50 {r['p50_ms']:.1f} ms  "
+                        f"p99 {r['p99_ms']:.1f} ms  (2xx {r['ok']}, 400 {r['insufficient_or_400']}, "
+                        f"other {r['other_status']}, socket errors {r['socket_errors']})"
+                        + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
+                    )
+    finally:
+        server.stop()
+    h = results["healthz"]["per_second"]
+    results["add_vs_healthz"] = round(results["add_to_cart"]["per_second"] / h, 3) if h else None
+    results["price_vs_healthz"] = round(results["price"]["per_second"] / h, 3) if h else None
+    results["invariant"] = _check(stores, vid, served_adds, 2 * CONNECTIONS)
+    return results
+
+
+def _check(stores: Stores, vid: int, served: int, in_flight: int) -> dict:
+    container = stores.container()
+    try:
+        c = container.stock.counters([vid])[vid]
+        raw = container.redis.hgetall(keys.holds(vid))
+        held = sum(h.quantity for h in map(unpack_hold, raw.values()) if h is not None)
+        carts = sum(1 for _ in container.redis.scan_iter(match=keys.cart("*"), count=10000))
+    finally:
+        container.close()
+    problems = []
+    if c.available + c.reserved != STOCK:
+        problems.append(f"available {c.available} + reserved {c.reserved} != on_hand {STOCK}")
+    if c.reserved != held:
+        problems.append(f"reserved {c.reserved} != held {held}")
+    if carts != held:
+        problems.append(f"{carts} carts != {held} held units (one single-unit line per customer)")
+    # wrk stops with up to one request per connection in flight: served by the server, never counted
+    if not served <= c.reserved <= served + in_flight:
+        problems.append(
+            f"reserved {c.reserved} is not between the 2xx add-to-cart responses {served} "
+            f"and that plus the requests in flight when the load stopped ({in_flight})"
+        )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "reserved": c.reserved,
+        "held": held,
+        "served_adds": served,
+        "in_flight_bound": in_flight,
+        "carts": carts,
+        "oversold": max(0, c.reserved - STOCK),
+    }
