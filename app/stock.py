@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from redis.exceptions import NoScriptError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app import clock, keys
 from app.errors import Conflict, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
 from app.metrics import HOLDS, RECONCILE_DRIFT, REJECTIONS
 from app.scripts import Scripts
-from persistence.models import Order, Stock
+from persistence.models import Order, OrderLine, Stock
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ class StockEngine:
         self.ttl_ms = settings.hold_ttl_seconds * 1000
         self.grace_ms = settings.checkout_grace_seconds * 1000
         self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",
-                     "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock")}
+                     "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock",
+                     "dropCartLines")}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -210,12 +211,24 @@ class StockEngine:
             rows = {r.variant_id: (r.on_hand, r.version) for r in
                     s.execute(select(Stock.variant_id, Stock.on_hand, Stock.version)
                               .where(Stock.variant_id.in_(ids)))}
+        limit = self.settings.max_units_per_customer
+        ordered: dict[int, list] = {vid: [] for vid in ids}
+        if limit > 0:
+            # the per-customer count includes units already ordered: rebuild it from the orders
+            with self.sessions() as s:
+                for vid, user, units in s.execute(
+                        select(OrderLine.variant_id, Order.user_id, func.sum(OrderLine.quantity))
+                        .join(Order, Order.id == OrderLine.order_id)
+                        .where(OrderLine.variant_id.in_(ids))
+                        .group_by(OrderLine.variant_id, Order.user_id)):
+                    ordered[vid] += [user, int(units)]
         calls = []
         for vid in ids:
             if vid not in rows:
                 raise NotFound("variant", vid)
             on_hand, version = rows[vid]
-            calls.append(("script", "initStock", self._variant_keys(vid)[:3], [on_hand, version]))
+            calls.append(("script", "initStock", self._variant_keys(vid)[:4],
+                          [on_hand, version, limit, *ordered[vid]]))
         results = self._run(calls)
         for vid, res in zip(ids, results):
             if res[0] == 1:
@@ -387,6 +400,15 @@ class StockEngine:
         HOLDS.labels("committed").inc(sum(1 for r in out if r))
         return out
 
+    def drop_cart_lines(self, lines: Sequence[tuple[str, str, str]]) -> int:
+        """Remove (user, item id, gen) cart lines of finalized holds; a newer line under the same
+        item id is kept. Returns lines removed."""
+        by_user: dict[str, list] = {}
+        for user, item_id, gen in lines:
+            by_user.setdefault(user, []).extend([item_id, gen])
+        calls = [("script", "dropCartLines", [keys.cart(user)], args) for user, args in by_user.items()]
+        return sum(int(n) for n in self._run(calls)) if calls else 0
+
     # -- adjustments ------------------------------------------------------------------------------
 
     def adjust_phase(self, variant_id: int, phase: str, delta: int, now: int | None = None) -> tuple[int, int, int]:
@@ -526,6 +548,9 @@ class StockEngine:
                  for vid, on_hand, version in rows]
         results = self._run(calls)
         stale: list[tuple[int, list]] = []
+        missing = [vid for (vid, _o, _v), res in zip(rows, results) if res[0] == 2]
+        if missing and not dry_run:
+            self.rebuild_from_db(missing)
         for (vid, on_hand, version), res in zip(rows, results):
             status, available, reserved, exp_available, exp_reserved, earliest, locks = res
             if status == -3 and not second_pass:
@@ -581,6 +606,7 @@ class StockEngine:
         to_unlock = [(vid, hid, gen) for vid, hid, gen, token, _q, _u in locks if token not in committed]
         if to_finalize:
             self.finalize_many(to_finalize)
+            self.drop_cart_lines([(f.user, f.hold_id, f.gen) for f in to_finalize])
             report.locks_finalized += len(to_finalize)
             log.warning("reconciler finalized %d hold(s) of checkouts that committed but did not finish",
                         len(to_finalize))

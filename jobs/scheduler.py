@@ -110,11 +110,24 @@ def run_scheduler(settings: Settings, stop=None) -> None:
 
 def run_worker(settings: Settings, burst: bool = False) -> bool:
     """`inventory worker`: an rq worker on the inventory queue. Jobs are short and idempotent,
-    so a SimpleWorker (no fork per job) keeps the sweeper's latency low."""
+    so a SimpleWorker (no fork per job) keeps the sweeper's latency low. rq's worker gives up when
+    Redis goes away under a running job; a fresh one is started once Redis answers again."""
+    import time
+
+    import redis as redis_lib
     from rq import Queue, SimpleWorker
 
     from jobs.tasks import QUEUE
 
-    connection = rq_connection(settings)
-    worker = SimpleWorker([Queue(QUEUE, connection=connection)], connection=connection)
-    return worker.work(burst=burst, with_scheduler=False)
+    backoff = 0.5
+    while True:
+        try:
+            connection = rq_connection(settings)
+            worker = SimpleWorker([Queue(QUEUE, connection=connection)], connection=connection)
+            return worker.work(burst=burst, with_scheduler=False)
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+            if burst:
+                raise
+            log.warning("worker lost Redis (%s); starting a new worker in %.1fs", type(exc).__name__, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10)

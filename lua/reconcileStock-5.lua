@@ -10,7 +10,7 @@
 
   Returns: {status, available, reserved, expected_available, expected_reserved, earliest_expiry,
             stale_locks}
-    status: 0 clean | 1 drift (repaired unless dry run) | 2 counters were missing (rebuilt unless dry run)
+    status: 0 clean | 1 drift (repaired unless dry run) | 2 counters missing (the caller rebuilds them)
             -1 skipped: versions differ (in flight)   -2 skipped: adjustment in flight
             -3 skipped: stale locks to resolve first (finalize or unlock them, then call again)
     stale_locks: flat list {hold_id, gen, token, qty, user, ...} of holds locked longer than grace_ms
@@ -45,10 +45,7 @@ if #stale > 0 then
 end
 
 if redis.call("EXISTS", stockKey) == 0 then
-  if not dryRun then
-    redis.call("HSET", stockKey, "available", expectedAvailable, "reserved", reserved,
-               "version", dbVersion, "adj_pending", 0)
-  end
+  -- missing counters are built by initStock (which also rebuilds customer counts): the caller runs it
   return {2, -1, -1, expectedAvailable, reserved, earliest, stale}
 end
 

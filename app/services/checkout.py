@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from app import faults, keys
+from app import faults
 from app.clock import iso, utcnow
 from app.composition import Container
 from app.errors import Conflict, EmptyCart, InsufficientStock, NotFound, ReservationExpired, Unavailable
@@ -115,7 +115,7 @@ def checkout(c: Container, user_id: Any, idempotency_key: str | None = None) -> 
     engine.finalize_many([Finalization(line.variant_id, line.item_id, r.gen, r.quantity, user,
                                        new_versions[line.variant_id]) for line, r in items])
     faults.point("checkout.after_finalize")
-    c.redis.hdel(keys.cart(user), *[line.item_id for line, _ in items])
+    engine.drop_cart_lines([(user, line.item_id, r.gen) for line, r in items])
     log.info("order %s confirmed for user %s: %d line(s), total %s", order["id"], user, len(items),
              order["total"])
     return order

@@ -407,3 +407,22 @@ def sessions_factory(clean_stores):
     for c in made:
         c.close()
 
+
+
+def test_a_checkout_completed_by_the_reconciler_clears_its_cart_lines(client, container, sessions):
+    vid = make_variant(sessions, on_hand=10)
+    add(client, "healed", vid, 2)
+
+    def die():
+        raise faults.SimulatedCrash("after commit")
+
+    faults.inject("checkout.after_commit", die)
+    try:
+        with pytest.raises(faults.SimulatedCrash):
+            client.post("/api/cart/healed/checkout/")
+    finally:
+        faults.clear()
+    report = container.stock.reconcile(grace_ms=0)
+    assert report.locks_finalized == 1
+    assert client.get("/api/cart/healed/").get_json()["items"] == []
+    assert_invariant(container, vid)

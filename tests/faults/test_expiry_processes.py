@@ -134,7 +134,6 @@ def test_after_redis_restarts_empty_lapsed_holds_are_still_released_by_the_runni
     wait_for(lambda: _reserved(c, variants) == 0, timeout=20, interval=0.05,
              message="lapsed holds released after the empty restart")
     released_in = time.monotonic() - created  # reported, not bounded: the point here is that it happens
-    # (the worker survives only if no job was running at the moment: see the xfail test below)
     assert listener.poll() is None and scheduler.poll() is None
     assert_stock_exact(c, variants)
     with capsys.disabled():
@@ -143,10 +142,6 @@ def test_after_redis_restarts_empty_lapsed_holds_are_still_released_by_the_runni
               f"{created - restarted:.2f}s after the restart; listener and scheduler not restarted")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`inventory worker` exits 1 when Redis goes away while a job runs: rq's worker quits on the "
-    "ConnectionError raised while it finishes the job (heartbeat), and jobs/scheduler.py run_worker "
-    "does not start a new one"))
 def test_the_worker_outlives_a_redis_outage_during_a_job(base_env, build, own_redis, processes):
     server = own_redis(persist=True)
     env = {**base_env, "REDIS_URL": server.url, "LOG_LEVEL": "INFO"}

@@ -154,9 +154,6 @@ def test_redis_restarted_empty_rebuilds_counters_and_oversells_nothing(base_env,
               f"{sum(f[2] for f in final.values())} of {3 * ON_HAND} units, not one more; {traffic.summary()}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MAX_UNITS_PER_CUSTOMER counts ordered units in Redis only (cust:{v}); a Redis restarted empty "
-    "forgets them and initStock/reconcileStock never rebuild them from the orders in the database"))
 def test_the_per_customer_limit_survives_redis_restarted_empty(base_env, build, own_redis):
     server = own_redis(persist=False)
     client, c = build({**base_env, "REDIS_URL": server.url, "MAX_UNITS_PER_CUSTOMER": "2"})

@@ -380,8 +380,8 @@ def test_init_stock_builds_missing_counters_from_on_hand_and_live_holds_then_nev
         engine, vid, t0, redis_client):
     engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
     redis_client.delete(keys.stock(vid))
-    assert run(engine, "initStock", vid, [10, 4], n_keys=3) == [1, 7, 3]
-    assert run(engine, "initStock", vid, [99, 9], n_keys=3) == [0, 7, 3]
+    assert run(engine, "initStock", vid, [10, 4, 0], n_keys=4) == [1, 7, 3]
+    assert run(engine, "initStock", vid, [99, 9, 0], n_keys=4) == [0, 7, 3]
     h = stock_hash(redis_client, vid)
     assert (h["available"], h["reserved"], h["version"], h["adj_pending"]) == ("7", "3", "4", "0")
 
@@ -451,13 +451,15 @@ def test_reconcile_script_repairs_drift_and_a_dry_run_only_reports_it(engine, vi
     assert counts(engine, vid) == (7, 3)
 
 
-def test_reconcile_script_rebuilds_missing_counters_unless_dry_run(engine, vid, t0, redis_client):
+def test_reconcile_script_reports_missing_counters_and_leaves_building_them_to_init_stock(
+        engine, vid, t0, redis_client):
     engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
     redis_client.delete(keys.stock(vid))
     assert reconcile_script(engine, vid, 10, 2, t0, dry_run=True) == [2, -1, -1, 7, 3, t0 + TTL, []]
-    assert redis_client.exists(keys.stock(vid)) == 0
     assert reconcile_script(engine, vid, 10, 2, t0) == [2, -1, -1, 7, 3, t0 + TTL, []]
-    assert engine.counters([vid])[vid].version == 2
+    assert redis_client.exists(keys.stock(vid)) == 0
+    report = engine.reconcile([vid])  # the engine builds them, from the database, through initStock
+    assert report.rebuilt == 1 and report.drifted == 1
     assert counts(engine, vid) == (7, 3)
 
 
@@ -541,7 +543,7 @@ def test_every_command_run_inside_a_script_touches_only_the_variants_slot(privat
         engine.adjust_phase(vid, "abort", -1, now=t0)
         engine.sweep(now=t0 + 2_000)
         engine.reconcile([vid], now=t0 + 2_000)
-        run(engine, "initStock", vid, [10, 2], n_keys=3)
+        run(engine, "initStock", vid, [10, 2, 0], n_keys=4)
         r.echo(marker)
         while True:
             cmd = m.next_command()
