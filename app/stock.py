@@ -195,6 +195,14 @@ class StockEngine:
                 getattr(pipe, method)(*args, **kwargs)
         return pipe.execute(raise_on_error=False)
 
+    def _eval(self, name: str, ks: list[str], args: list):
+        """One script call, straight (no pipeline object): the hot path's cheapest form."""
+        try:
+            return self.redis.execute_command("EVALSHA", self._sha[name], len(ks), *ks, *args)
+        except NoScriptError:
+            self.scripts.load_all()
+            return self.redis.execute_command("EVALSHA", self._sha[name], len(ks), *ks, *args)
+
     @staticmethod
     def _cmd(method: str, *args, **kwargs) -> tuple:
         return ("cmd", method, args, kwargs)
@@ -297,18 +305,23 @@ class StockEngine:
         gen = secrets.token_hex(4)
         args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
         ks = self._variant_keys(variant_id, hold_id) + [keys.sweep_index(variant_id)]
-        hint = self._cmd("zadd", keys.due_hint(variant_id), {str(variant_id): now + ttl}, lt=True)
         extra = [self._cmd(name, *args_) for name, *args_ in also]
-        replies: list = []
+        replies: tuple = ()
         for _ in range(2):
-            # one round trip on a single Redis: the script, the listener's hint and the caller's reads
-            res, _, *more = self._run([("script", "reserveHold", ks, args), hint, *extra])
-            replies = replies or more
+            if extra:
+                # one round trip: the script and the caller's own reads beside it
+                res, *more = self._run([("script", "reserveHold", ks, args), *extra])
+                replies = replies or tuple(more)
+            else:
+                res = self._eval("reserveHold", ks, args)
             code = res[0]
             if code == 1:
                 HOLDS.labels("reserved").inc()
-                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4],
-                                   tuple(replies))
+                if int(res[5]):
+                    # this hold is its variant's earliest: tell the listener's fast path (a hint;
+                    # later holds of a busy variant expire after it and need no write)
+                    self.redis.zadd(keys.due_hint(variant_id), {str(variant_id): int(res[3])}, lt=True)
+                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
             if code == -1:
                 self.rebuild_from_db([variant_id])
                 continue

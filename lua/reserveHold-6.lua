@@ -1,6 +1,7 @@
 --[[
   Reserve units of one variant as a hold with a TTL, or change the size of a live hold.
-  Lapsed holds of the variant are reclaimed first, so stock comes back even with no listener or sweeper.
+  When stock is short, lapsed holds of the variant are reclaimed first, so stock comes back even
+  with no listener or sweeper; on the common path that costs nothing.
   All-or-nothing: every check runs before the first write.
 
   KEYS[1] stock:{v}   hash available, reserved, version, ...
@@ -16,7 +17,8 @@
   ARGV[7] per-customer limit (0 = none)   ARGV[8] gen for a fresh hold
 
   Returns:
-    {1, available_after, hold_qty, exp_ms, gen}   reserved (hold_qty 0: hold removed)
+    {1, available_after, hold_qty, exp_ms, gen, earliest}   reserved (hold_qty 0: hold removed);
+                           earliest 1: this hold is now the variant's earliest expiry
     {-1}                   counters missing: rebuild from the database, then call again
     {-2, available}        insufficient stock
     {-3, already}          per-customer limit: `already` units held or ordered
@@ -32,16 +34,21 @@ local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if not qty or qty < 0 or (mode ~= "set" and qty == 0) or math.floor(qty) ~= qty then
   return redis.error_reply("quantity must be a whole number, at least 1 (0 allowed in mode set)")
 end
-if redis.call("EXISTS", stockKey) == 0 then return {-1} end
-
-reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, 20)
+local counts = redis.call("HMGET", stockKey, "available", "reserved")
+if not counts[1] then return {-1} end
+local available, reserved = tonumber(counts[1]), tonumber(counts[2] or "0")
+local function reread()
+  counts = redis.call("HMGET", stockKey, "available", "reserved")
+  available, reserved = tonumber(counts[1]), tonumber(counts[2] or "0")
+end
 
 local h = unpackHold(redis.call("HGET", holdsKey, holdId))
 if h and h.state == "l" then return {-4} end
 if h and h.exp <= now then
-  -- lapsed but not reclaimed above (more than 20 were due): drop it now
+  -- this customer's own hold lapsed and no release ran yet: drop it, start afresh
   dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
   h = nil
+  reread()
 end
 
 local current = 0
@@ -51,8 +58,11 @@ if mode == "add" then target = current + qty end
 if mode == "sub" then target = math.max(current - qty, 0) end
 local need = target - current
 
-local available = counter(stockKey, "available")
-if need > 0 and available < need then return {-2, available} end
+if need > 0 and available < need then
+  -- short of stock: give back this variant's lapsed holds first (no listener or sweeper needed)
+  if reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, 50) > 0 then reread() end
+  if available < need then return {-2, available} end
+end
 if limit > 0 and need > 0 then
   local already = tonumber(redis.call("HGET", custKey, user) or "0")
   if already + need > limit then return {-3, already} end
@@ -60,8 +70,8 @@ end
 
 -- writes
 if need ~= 0 then
-  available = redis.call("HINCRBY", stockKey, "available", -need)
-  redis.call("HINCRBY", stockKey, "reserved", need)
+  available, reserved = available - need, reserved + need
+  redis.call("HSET", stockKey, "available", available, "reserved", reserved)
   if limit > 0 then
     local left = redis.call("HINCRBY", custKey, user, need)
     if left <= 0 then redis.call("HDEL", custKey, user) end
@@ -71,7 +81,7 @@ if target == 0 then
   redis.call("HDEL", holdsKey, holdId)
   redis.call("ZREM", expKey, holdId)
   redis.call("DEL", timerKey)
-  return {1, available, 0, 0, ""}
+  return {1, available, 0, 0, "", 0}
 end
 local exp = now + ttl
 local gen = freshGen
@@ -79,6 +89,6 @@ if h then gen = h.gen end
 redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
 redis.call("ZADD", expKey, exp, holdId)
 redis.call("SET", timerKey, "1", "PX", ttl)
--- the variant's id is the tag's number: v<id>
-redis.call("ZADD", indexKey, "LT", exp, string.match(stockKey, "{v(%d+)}"))
-return {1, available, target, exp, gen}
+-- the variant's id is the tag's number: v<id>; 1 when this hold is now the variant's earliest
+local earliest = redis.call("ZADD", indexKey, "LT", "CH", exp, string.match(stockKey, "{v(%d+)}"))
+return {1, available, target, exp, gen, earliest}

@@ -7,7 +7,9 @@ import marshmallow as ma
 from flask import jsonify, request
 from marshmallow import fields, validate
 
-from app.api.base import Blueprint, Id, Money, Quantity
+from webargs import core
+
+from app.api.base import PARSER, Blueprint, Id, Money, Quantity, flatten_messages
 from app.api.context import container
 from app.errors import ValidationFailed
 from app.services import checkout as checkout_service
@@ -111,13 +113,29 @@ def _reply(status: int, body: dict):
 # The views return finished responses: the services build the JSON of API.md, and the schemas
 # above document it (and validate it in tests) without a second serialisation on the hot path.
 
+_ADD_SCHEMA = AddSchema()
+
+
+def _load_add() -> dict:
+    """The add body, loaded as flask-smorest's arguments would (same parser, same errors), without
+    webargs' per-request machinery: add-to-cart is the flash-sale path."""
+    data = PARSER._raw_load_json(request)
+    if data is core.missing:
+        data = {}
+    try:
+        return _ADD_SCHEMA.load(data)
+    except ma.ValidationError as exc:
+        raise ValidationFailed("Request has invalid fields", flatten_messages(exc.messages)) from None
+
+
 @blp.route("/add/", methods=["POST"])
-@blp.arguments(AddSchema())
 @blp.response(201, ItemAndCartSchema)
 @blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
 @blp.alt_response(409, description="price_changed")
-@blp.doc(summary="Reserve units and add them to the cart (merging into an existing line)", **_SECURED)
-def add(body):
+@blp.doc(summary="Reserve units and add them to the cart (merging into an existing line)",
+         requestBody={"required": True, "content": {"application/json": {"schema": AddSchema}}}, **_SECURED)
+def add():
+    body = _load_add()
     c = container()
     service = CartService(c)
 

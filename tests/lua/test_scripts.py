@@ -81,7 +81,10 @@ def test_reserve_script_answers_ok_with_available_hold_size_expiry_and_generatio
     engine.counters([vid])
     hid = hold_id_for(vid, "u1")
     res = run(engine, "reserveHold", vid, [hid, 4, t0, TTL, "u1", "add", 0, "g1"], hid)
-    assert res == [1, 6, 4, t0 + TTL, "g1"]
+    assert res == [1, 6, 4, t0 + TTL, "g1", 1]  # 1: the variant's earliest expiry now
+    other = hold_id_for(vid, "u2")
+    later = run(engine, "reserveHold", vid, [other, 1, t0 + 5, TTL, "u2", "add", 0, "g2"], other)
+    assert later == [1, 5, 1, t0 + 5 + TTL, "g2", 0]  # expires after the first: no new earliest
 
 
 def test_reserve_refuses_more_than_available_and_writes_nothing(engine, vid, t0, redis_client):
