@@ -19,6 +19,16 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
+# The engine, expiry, reconcile, checkout and job tests again on a 3-primary Redis Cluster that the
+# fixtures start on loopback ports (the rest of the suite needs no second run).
+CLUSTER_TESTS := tests/lua tests/integration/test_engine_concurrency.py tests/integration/test_expiry.py \
+	tests/integration/test_reconcile.py tests/api/test_cart.py tests/jobs
+.PHONY: test-cluster
+test-cluster: $(STAMP)
+	@rc=0; $(BIN)/python -m pytest -q --redis-cluster $(CLUSTER_TESTS) $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-cluster: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
 # `make bench` (about 5 minutes) or `make bench QUICK=1` (under 2): see bench/README.md.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick)
