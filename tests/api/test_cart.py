@@ -193,16 +193,17 @@ def test_a_user_with_no_cart_gets_an_empty_one(client):
 
 
 def test_a_lapsed_line_stays_in_the_cart_as_expired_and_checkout_refuses_it(env, sessions_factory):
-    env["HOLD_TTL_SECONDS"] = "1"
+    env["HOLD_TTL_SECONDS"] = "2"
     client, container = sessions_factory(env)
     vid = make_variant(container.sessions, on_hand=10)
     other = make_variant(container.sessions, on_hand=10)
     item = add(client, 9, vid, 3).get_json()["item"]
     wait_for(lambda: client.get("/api/cart/9/").get_json()["items"][0]["status"] == "expired",
-             timeout=5, message="line to show as expired")
-    # a fresh line beside the lapsed one: checkout must still refuse as a whole
-    add(client, 9, other, 1)
+             timeout=6, message="line to show as expired")
     container.stock.sweep()
+    # a fresh line beside the lapsed one (its hold lasts 2 s too: add it just before checkout):
+    # checkout must still refuse as a whole
+    add(client, 9, other, 1)
     cart = client.get("/api/cart/9/").get_json()
     statuses = {i["id"]: i["status"] for i in cart["items"]}
     assert statuses[item["id"]] == "expired"
