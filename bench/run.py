@@ -17,10 +17,10 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bench import correctness, engine, expiry, memory, reconcile, report, web
+from bench import cluster, correctness, engine, expiry, memory, reconcile, report, web
 from bench.stores import Stores, seed_variants, sessions_for
 
-SECTIONS = ("engine", "http", "expiry", "reconcile", "memory", "correctness")
+SECTIONS = ("engine", "cluster", "http", "expiry", "reconcile", "memory", "correctness")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Config:
     sweep_interval: int
     reconcile_variants: int
     memory_holds: int
+    cluster_processes: tuple[int, ...] = (8, 32, 64)
     race_processes: int = 64
     race_attempts: int = 300
     race_stock: int = 100
@@ -60,6 +61,7 @@ QUICK = Config(
     sweep_interval=5,
     reconcile_variants=10_000,
     memory_holds=10_000,
+    cluster_processes=(8, 32),
 )
 
 
@@ -86,6 +88,10 @@ def _correctness(stores: Stores, cfg: Config) -> dict:
 
 RUNNERS = {
     "engine": lambda s, c: engine.run(s, seconds=c.engine_seconds, rounds=c.engine_rounds),
+    # the same durations and rounds as the engine benchmark
+    "cluster": lambda s, c: cluster.run(
+        s, seconds=c.engine_seconds, rounds=c.engine_rounds, processes=c.cluster_processes
+    ),
     "http": lambda s, c: web.run(s, seconds=c.http_seconds, warmup_seconds=c.http_warmup_seconds),
     "expiry": lambda s, c: expiry.run(
         s, lag_holds=c.lag_holds, other_live=c.other_live_holds, sweep_interval=c.sweep_interval
@@ -119,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "quick": args.quick,
         "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "make bench QUICK=1" if args.quick else "make bench",
+        "command": (
+            f"python -m bench --only {','.join(sections)}{' --quick' if args.quick else ''}"
+            if set(sections) != set(SECTIONS)
+            else ("make bench QUICK=1" if args.quick else "make bench")
+        ),
         "sections": sections,
+        # a run of some sections writes its own latest-<sections> files, beside the full run's
+        "partial": set(sections) != set(SECTIONS),
         "config": cfg.__dict__,
         "machine": report.machine(),
         "errors": {},
