@@ -31,7 +31,8 @@ from app.composition import Container
 from app.embedded import EmbeddedCluster
 from app.settings import load_settings
 from bench.clients import RunResult, run_clients
-from bench.engine import HOT_STOCK, SPREAD_STOCK, SPREAD_VARIANTS, WARMUP_OPS, check_engine, engine_setup
+from bench.engine import (HOT_STOCK, SPREAD_STOCK, SPREAD_VARIANTS, WARMUP_OPS, check_engine, engine_setup,
+                          summarize_rounds)
 from bench.stores import Stores, seed_variants, sessions_for
 
 PRIMARIES = 3
@@ -175,17 +176,7 @@ def _run(stores: Stores, cluster: EmbeddedCluster, *, seconds: float, rounds: in
                     acknowledged = merged.ok + merged.warmup_ok + parent[t]
                     check = check_engine(containers[t], vids, {v: stock for v in vids}, acknowledged)
                     check["variants_touched"] = _touched(containers[t], vids)
-                    ordered = sorted(runs[t], key=lambda r: r.rate)
-                    result = ordered[len(ordered) // 2]
-                    summary = result.summary()
-                    summary["mean_per_second"] = round(merged.rate, 1)
-                    summary["per_second_by_round"] = [round(r.rate) for r in runs[t]]
-                    summary["cpu_by_round"] = [r.cpu for r in runs[t]]
-                    summary["other_cores"] = result.cpu.get("other_cores")
-                    summary["steal_cores"] = result.cpu.get("steal_cores")
-                    summary["errors"] = merged.errors
-                    summary["first_error"] = merged.first_error
-                    summary["invariant"] = check
+                    summary = summarize_rounds(runs[t], merged, check)
                     row[t] = summary
                     log(
                         f"  cluster {workload:>4} x{n:<3} {t:<8} {summary['per_second']:>10,.0f}/s "

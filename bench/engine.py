@@ -68,6 +68,25 @@ CREATE TABLE IF NOT EXISTS bench_rowlock_holds (
 # --- the three reserves, each built inside its client process -------------------------------------
 
 
+
+def summarize_rounds(rounds: list, merged, check: dict) -> dict:
+    """One case's summary. The round with the median throughput stands for the case: a burst of load
+    from elsewhere on a shared machine spoils one round, not the figure. Every round is kept, with the
+    cores used while measuring: ours (clients + redis-server), the kernel's threads, everything else
+    on the machine (for the row lock that includes Postgres), steal."""
+    ordered = sorted(rounds, key=lambda r: r.rate)
+    result = ordered[len(ordered) // 2]
+    summary = result.summary()
+    summary["mean_per_second"] = round(merged.rate, 1)
+    summary["per_second_by_round"] = [round(r.rate) for r in rounds]
+    summary["cpu_by_round"] = [r.cpu for r in rounds]
+    summary["other_cores"] = result.cpu.get("other_cores")
+    summary["steal_cores"] = result.cpu.get("steal_cores")
+    summary["errors"] = merged.errors
+    summary["first_error"] = merged.first_error
+    summary["invariant"] = check
+    return summary
+
 def engine_setup(env: dict, variant_ids: list[int]):
     def setup(index: int):
         container = Container(load_settings(env))
@@ -335,21 +354,7 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
                         check = check_lua(container, vids, stock, acknowledged)
                     else:
                         check = check_rowlock(dsn, acknowledged)
-                    # The round with the median throughput stands for the case: a burst of load from
-                    # elsewhere on a shared machine spoils one round, not the figure. Every round is kept.
-                    ordered = sorted(runs[approach], key=lambda r: r.rate)
-                    result = ordered[len(ordered) // 2]
-                    summary = result.summary()
-                    summary["mean_per_second"] = round(merged.rate, 1)
-                    summary["per_second_by_round"] = [round(r.rate) for r in runs[approach]]
-                    # cores used while measuring: ours (clients + redis-server), the kernel's threads,
-                    # everything else on the machine (for the row lock that includes Postgres), steal
-                    summary["cpu_by_round"] = [r.cpu for r in runs[approach]]
-                    summary["other_cores"] = result.cpu.get("other_cores")
-                    summary["steal_cores"] = result.cpu.get("steal_cores")
-                    summary["errors"] = merged.errors
-                    summary["first_error"] = merged.first_error
-                    summary["invariant"] = check
+                    summary = summarize_rounds(runs[approach], merged, check)
                     row[approach] = summary
                     log(
                         f"  engine {workload:>4} x{n:<3} {approach:<8} {summary['per_second']:>10,.0f}/s "
