@@ -37,7 +37,11 @@ if expectedAvailable < 0 then expectedAvailable = 0 end
 local earliest = earliestExpiry(expKey)
 if earliest >= 0 and not dryRun then
   -- the sweep index is a hint the reconciler keeps complete: a variant with holds is always in it
-  redis.call("ZADD", indexKey, "LT", earliest, string.match(stockKey, "{v(%d+)}"))
+  local vid = string.match(stockKey, "{v(%d+)}")
+  redis.call("ZADD", indexKey, "LT", earliest, vid)
+  if redis.call("EXISTS", stockKey) == 1 then
+    redis.call("HSET", stockKey, "idx_exp", redis.call("ZSCORE", indexKey, vid))
+  end
 end
 if #stale > 0 then
   return {-3, counter(stockKey, "available"), counter(stockKey, "reserved"), expectedAvailable, reserved,

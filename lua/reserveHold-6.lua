@@ -34,11 +34,13 @@ local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if not qty or qty < 0 or (mode ~= "set" and qty == 0) or math.floor(qty) ~= qty then
   return redis.error_reply("quantity must be a whole number, at least 1 (0 allowed in mode set)")
 end
-local counts = redis.call("HMGET", stockKey, "available", "reserved")
+-- idx_exp: the score of this variant in its slot's sweep index, kept beside the counters so the
+-- index is written only when a hold expires earlier than every other (rare with one TTL for all)
+local counts = redis.call("HMGET", stockKey, "available", "reserved", "idx_exp")
 if not counts[1] then return {-1} end
 local available, reserved = tonumber(counts[1]), tonumber(counts[2] or "0")
 local function reread()
-  counts = redis.call("HMGET", stockKey, "available", "reserved")
+  counts = redis.call("HMGET", stockKey, "available", "reserved", "idx_exp")
   available, reserved = tonumber(counts[1]), tonumber(counts[2] or "0")
 end
 
@@ -69,13 +71,23 @@ if limit > 0 and need > 0 then
 end
 
 -- writes
+local exp = now + ttl
+local indexed = tonumber(counts[3] or "")
+local earliest = 0
+if target > 0 and (not indexed or exp < indexed) then earliest = 1 end
 if need ~= 0 then
   available, reserved = available - need, reserved + need
-  redis.call("HSET", stockKey, "available", available, "reserved", reserved)
+  if earliest == 1 then
+    redis.call("HSET", stockKey, "available", available, "reserved", reserved, "idx_exp", exp)
+  else
+    redis.call("HSET", stockKey, "available", available, "reserved", reserved)
+  end
   if limit > 0 then
     local left = redis.call("HINCRBY", custKey, user, need)
     if left <= 0 then redis.call("HDEL", custKey, user) end
   end
+elseif earliest == 1 then
+  redis.call("HSET", stockKey, "idx_exp", exp)
 end
 if target == 0 then
   redis.call("HDEL", holdsKey, holdId)
@@ -83,12 +95,13 @@ if target == 0 then
   redis.call("DEL", timerKey)
   return {1, available, 0, 0, "", 0}
 end
-local exp = now + ttl
 local gen = freshGen
 if h then gen = h.gen end
 redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
 redis.call("ZADD", expKey, exp, holdId)
 redis.call("SET", timerKey, "1", "PX", ttl)
--- the variant's id is the tag's number: v<id>; 1 when this hold is now the variant's earliest
-local earliest = redis.call("ZADD", indexKey, "LT", "CH", exp, string.match(stockKey, "{v(%d+)}"))
+if earliest == 1 then
+  -- the variant's id is the tag's number: v<id>
+  redis.call("ZADD", indexKey, "LT", exp, string.match(stockKey, "{v(%d+)}"))
+end
 return {1, available, target, exp, gen, earliest}

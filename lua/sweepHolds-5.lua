@@ -15,14 +15,17 @@ local now, limit, variantId, revisit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARG
 
 local count, units = reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, limit)
 local earliest = earliestExpiry(expKey)
+local score = earliest
 if earliest < 0 then
   redis.call("ZREM", indexKey, variantId)
 elseif count >= limit then
-  redis.call("ZADD", indexKey, now, variantId)  -- more are due: the caller comes back
+  score = now  -- more are due: the caller comes back
 elseif earliest <= now then
-  -- only holds locked for checkout are past due: look again later, not in this same sweep
-  redis.call("ZADD", indexKey, now + revisit, variantId)
-else
-  redis.call("ZADD", indexKey, earliest, variantId)
+  score = now + revisit  -- only holds locked for checkout are past due: look again later
+end
+if score >= 0 then redis.call("ZADD", indexKey, score, variantId) end
+-- the reserve script reads the indexed score beside the counters (idx_exp)
+if redis.call("EXISTS", stockKey) == 1 then
+  if score >= 0 then redis.call("HSET", stockKey, "idx_exp", score) else redis.call("HDEL", stockKey, "idx_exp") end
 end
 return {count, units, earliest, redis.call("HLEN", holdsKey)}
