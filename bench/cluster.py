@@ -32,7 +32,7 @@ from app.embedded import EmbeddedCluster
 from app.settings import load_settings
 from bench.clients import RunResult, run_clients
 from bench.engine import (HOT_STOCK, SPREAD_STOCK, SPREAD_VARIANTS, WARMUP_OPS, check_engine, engine_setup,
-                          summarize_rounds)
+                          log_case, summarize_rounds)
 from bench.stores import Stores, seed_variants, sessions_for
 
 PRIMARIES = 3
@@ -178,15 +178,7 @@ def _run(stores: Stores, cluster: EmbeddedCluster, *, seconds: float, rounds: in
                     check["variants_touched"] = _touched(containers[t], vids)
                     summary = summarize_rounds(runs[t], merged, check)
                     row[t] = summary
-                    log(
-                        f"  cluster {workload:>4} x{n:<3} {t:<8} {summary['per_second']:>10,.0f}/s "
-                        f"p50 {summary['p50_ms']:.2f} ms  p99 {summary['p99_ms']:.2f} ms  "
-                        f"(other load {summary['other_cores']:.2f} cores, steal {summary['steal_cores']:.2f})"
-                        f"{'  errors ' + str(merged.errors) if merged.errors else ''}"
-                        f"{'' if check['ok'] else '  INVARIANT BROKEN: ' + '; '.join(check['problems'])}"
-                    )
-                    if merged.first_error:
-                        log("    first error: " + merged.first_error.strip().splitlines()[-1])
+                    log_case(log, "cluster", workload, n, t, summary, merged, check)
                 total = sum(by_primary) or 1
                 row["evalsha_by_primary"] = by_primary
                 row["evalsha_share_by_primary"] = [round(c / total, 3) for c in by_primary]

@@ -69,6 +69,19 @@ CREATE TABLE IF NOT EXISTS bench_rowlock_holds (
 
 
 
+def log_case(log, section: str, workload: str, n: int, name: str, summary: dict, merged, check: dict) -> None:
+    """One case's line (and its first error, if any) in the progress log."""
+    log(
+        f"  {section} {workload:>4} x{n:<3} {name:<8} {summary['per_second']:>10,.0f}/s "
+        f"p50 {summary['p50_ms']:.2f} ms  p99 {summary['p99_ms']:.2f} ms  "
+        f"(other load {summary['other_cores']:.2f} cores, steal {summary['steal_cores']:.2f})"
+        f"{'  errors ' + str(merged.errors) if merged.errors else ''}"
+        f"{'' if check['ok'] else '  INVARIANT BROKEN: ' + '; '.join(check['problems'])}"
+    )
+    if merged.first_error:
+        log("    first error: " + merged.first_error.strip().splitlines()[-1])
+
+
 def summarize_rounds(rounds: list, merged, check: dict) -> dict:
     """One case's summary. The round with the median throughput stands for the case: a burst of load
     from elsewhere on a shared machine spoils one round, not the figure. Every round is kept, with the
@@ -356,15 +369,7 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
                         check = check_rowlock(dsn, acknowledged)
                     summary = summarize_rounds(runs[approach], merged, check)
                     row[approach] = summary
-                    log(
-                        f"  engine {workload:>4} x{n:<3} {approach:<8} {summary['per_second']:>10,.0f}/s "
-                        f"p50 {summary['p50_ms']:.2f} ms  p99 {summary['p99_ms']:.2f} ms  "
-                        f"(other load {summary['other_cores']:.2f} cores, steal {summary['steal_cores']:.2f})"
-                        f"{'  errors ' + str(merged.errors) if merged.errors else ''}"
-                        f"{'' if check['ok'] else '  INVARIANT BROKEN: ' + '; '.join(check['problems'])}"
-                    )
-                    if merged.first_error:
-                        log("    first error: " + merged.first_error.strip().splitlines()[-1])
+                    log_case(log, "engine", workload, n, approach, summary, merged, check)
                 e, lua, rl = row["engine"], row["lua"], row["rowlock"]
                 row["engine_vs_lua"] = (
                     round(e["per_second"] / lua["per_second"], 3) if lua["per_second"] else None
