@@ -23,6 +23,7 @@ from persistence.models import Order, OrderLine, Stock
 log = logging.getLogger(__name__)
 
 HOLD_SEP = "~"
+_RESERVED = HOLDS.labels("reserved")
 SWEEP_SCRIPT_LIMIT = 1000
 
 
@@ -148,6 +149,7 @@ class StockEngine:
         self.scripts = Scripts(redis)
         self.ttl_ms = settings.hold_ttl_seconds * 1000
         self.grace_ms = settings.checkout_grace_seconds * 1000
+        self._key_cache: dict[int, tuple[str, ...]] = {}
         self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",
                      "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock",
                      "dropCartLines")}
@@ -165,6 +167,16 @@ class StockEngine:
         if hold_id is not None:
             ks.append(keys.hold_timer(variant_id, hold_id))
         return ks
+
+    def _reserve_keys(self, variant_id: int) -> tuple[str, ...]:
+        """A variant's stock, holds, expiry, customer and sweep-index keys, built once per variant."""
+        cached = self._key_cache.get(variant_id)
+        if cached is None:
+            if len(self._key_cache) > 100_000:
+                self._key_cache.clear()
+            cached = (*self._variant_keys(variant_id), keys.sweep_index(variant_id))
+            self._key_cache[variant_id] = cached
+        return cached
 
     def _run(self, calls: Sequence[tuple]) -> list:
         """Run script calls ("script", name, keys, args) and plain commands (see _cmd)
@@ -304,7 +316,8 @@ class StockEngine:
         hold_id = hold_id_for(variant_id, user_id)
         gen = secrets.token_hex(4)
         args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
-        ks = self._variant_keys(variant_id, hold_id) + [keys.sweep_index(variant_id)]
+        ks = [*self._reserve_keys(variant_id), keys.hold_timer(variant_id, hold_id)]
+        ks.append(ks.pop(4))  # KEYS order: stock, holds, hexp, cust, timer, sweep index
         extra = [self._cmd(name, *args_) for name, *args_ in also]
         replies: tuple = ()
         for _ in range(2):
@@ -316,7 +329,7 @@ class StockEngine:
                 res = self._eval("reserveHold", ks, args)
             code = res[0]
             if code == 1:
-                HOLDS.labels("reserved").inc()
+                _RESERVED.inc()
                 if int(res[5]):
                     # this hold is its variant's earliest: tell the listener's fast path (a hint;
                     # later holds of a busy variant expire after it and need no write)
