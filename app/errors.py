@@ -4,6 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(code: str, message: str, details: dict | None = None) -> dict:
+    """The error body of API.md, for every error of every endpoint."""
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
 class DomainError(Exception):
     """Base of every error a caller can be told about."""
 
@@ -15,6 +20,9 @@ class DomainError(Exception):
         self.message = message
         self.details = details or {}
         self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.code, self.message, self.details)
 
 
 class ValidationFailed(DomainError):

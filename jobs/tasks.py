@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import uuid
 from dataclasses import asdict
+
+from redis.exceptions import LockError
 
 from app import keys
 from app.composition import Container, build_container
@@ -14,16 +14,14 @@ log = logging.getLogger(__name__)
 
 QUEUE = "inventory"
 _container: Container | None = None
+_container_pid = -1
 
 
 def container() -> Container:
-    global _container
+    """This process's container, built once (again after a fork)."""
     if _container is None or _container_pid != os.getpid():
         _set(build_container())
     return _container
-
-
-_container_pid = -1
 
 
 def _set(c: Container) -> None:
@@ -31,32 +29,30 @@ def _set(c: Container) -> None:
     _container, _container_pid = c, os.getpid()
 
 
-class _JobLock:
-    """One sweeper / reconciler at a time across processes; a second one started by mistake skips."""
+def _only_one(redis, name: str, timeout_s: int):
+    """redis-py's lock, not blocking: one sweeper / reconciler at a time across processes, a second
+    one started by mistake skips; it frees only its own lock."""
+    return redis.lock(name, timeout=timeout_s, blocking=False)
 
-    def __init__(self, redis, name: str, ttl_ms: int):
-        self.redis, self.name, self.ttl_ms = redis, name, ttl_ms
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
-    def __enter__(self) -> bool:
-        self.acquired = bool(self.redis.set(self.name, self.token, nx=True, px=self.ttl_ms))
-        return self.acquired
-
-    def __exit__(self, *exc):
-        if self.acquired:
-            # delete only our own lock
-            self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                            "return 0", 1, self.name, self.token)
+def _release(lock) -> None:
+    try:
+        lock.release()
+    except LockError:  # it lapsed during a very long run: nothing of ours to free
+        log.warning("job lock %s had lapsed before the job ended", lock.name)
 
 
 def sweep_job() -> dict:
     """Release every lapsed hold (the guarantee behind the expiry listener)."""
     c = container()
-    with _JobLock(c.redis, keys.sweep_lock(), 60_000) as acquired:
-        if not acquired:
-            log.info("sweep skipped: another sweep is running")
-            return {"skipped": True}
+    lock = _only_one(c.redis, keys.sweep_lock(), 60)
+    if not lock.acquire():
+        log.info("sweep skipped: another sweep is running")
+        return {"skipped": True}
+    try:
         report = c.stock.sweep()
+    finally:
+        _release(lock)
     if report.holds:
         log.info("sweeper released %d hold(s), %d unit(s) over %d variant(s)", report.holds, report.units,
                  report.variants)
@@ -66,11 +62,14 @@ def sweep_job() -> dict:
 def reconcile_job(dry_run: bool = False, variant_ids: list[int] | None = None) -> dict:
     """Compare and repair the live counters against the database."""
     c = container()
-    with _JobLock(c.redis, keys.reconcile_lock(), 15 * 60_000) as acquired:
-        if not acquired:
-            log.info("reconcile skipped: another reconcile is running")
-            return {"skipped": True}
+    lock = _only_one(c.redis, keys.reconcile_lock(), 15 * 60)
+    if not lock.acquire():
+        log.info("reconcile skipped: another reconcile is running")
+        return {"skipped": True}
+    try:
         report = c.stock.reconcile(variant_ids, dry_run=dry_run)
+    finally:
+        _release(lock)
     if report.drifted:
         log.warning("reconciler found drift in %d variant(s), repaired %d", report.drifted, report.repaired)
     return report.as_dict()

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask, jsonify
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from app.errors import DomainError, Unavailable
+from app.errors import DomainError, Unavailable, error_body
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +28,23 @@ _HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None):
-    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response = jsonify(error_body(code, message, details))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
 
 
-def _store_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    import redis
-    from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
-
-    redis_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-                    redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError,
-                    redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
-    db_errors = (OperationalError, PoolTimeout)
-    del DBAPIError
-    return redis_errors, db_errors
+# A store that cannot be reached is 503 `unavailable` with Retry-After (API.md), never a 500.
+_STORE_ERRORS = {
+    "redis": (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+              redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError,
+              redis.exceptions.TryAgainError, redis.exceptions.MasterDownError),
+    "database": (OperationalError, PoolTimeout),
+}
 
 
 def register_error_handlers(app: Flask) -> None:
-    redis_errors, db_errors = _store_errors()
-
     @app.errorhandler(DomainError)
     def _domain(exc: DomainError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
@@ -71,20 +69,15 @@ def register_error_handlers(app: Flask) -> None:
             headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
         return error_response(status, code, message, details, headers)
 
-    def _redis_down(exc):
-        log.warning("Redis unavailable: %s", type(exc).__name__)
-        err = Unavailable("redis")
-        return error_response(err.status, err.code, err.message, err.details, err.headers)
+    def _down(store: str):
+        def handler(exc):
+            log.warning("%s unavailable: %s", store, type(exc).__name__)
+            return _domain(Unavailable(store))
+        return handler
 
-    def _db_down(exc):
-        log.warning("database unavailable: %s", type(exc).__name__)
-        err = Unavailable("database")
-        return error_response(err.status, err.code, err.message, err.details, err.headers)
-
-    for cls in redis_errors:
-        app.register_error_handler(cls, _redis_down)
-    for cls in db_errors:
-        app.register_error_handler(cls, _db_down)
+    for store, classes in _STORE_ERRORS.items():
+        for cls in classes:
+            app.register_error_handler(cls, _down(store))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

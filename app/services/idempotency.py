@@ -17,10 +17,6 @@ WAIT_S = 10.0
 Result = tuple[int, dict]
 
 
-def error_body(exc: DomainError) -> dict:
-    return {"error": {"code": exc.code, "message": exc.message, "details": exc.details}}
-
-
 def run_once(redis, scope: str, user: str, key: str | None, fn: Callable[[], Result],
              durable: Callable[[], Result | None] | None = None) -> Result:
     """Run fn once per (scope, user, key); replay its result (or its 4xx error) on a retry.
@@ -41,7 +37,7 @@ def run_once(redis, scope: str, user: str, key: str | None, fn: Callable[[], Res
         status, body = fn()
     except DomainError as exc:
         if exc.status < 500:
-            _store(redis, rkey, exc.status, error_body(exc))
+            _store(redis, rkey, exc.status, exc.body())
         else:
             redis.delete(rkey)
         raise
