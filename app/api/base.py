@@ -7,6 +7,7 @@ from typing import Any
 
 import flask_smorest
 import marshmallow as ma
+from flask import jsonify
 from marshmallow import fields, validate
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -167,6 +168,13 @@ def list_schema(item_schema: type[ma.Schema], name: str) -> type[ma.Schema]:
         },
         name=name,
     )
+
+
+def reply(status: int, body: dict):
+    """A JSON response a service already built in API.md's shape (no second serialisation)."""
+    response = jsonify(body)
+    response.status_code = status
+    return response
 
 
 def page_of(items: list, page: int, per_page: int, total: int) -> dict:

@@ -4,12 +4,11 @@ from __future__ import annotations
 import re
 
 import marshmallow as ma
-from flask import jsonify, request
+from flask import request
 from marshmallow import fields, validate
-
 from webargs import core
 
-from app.api.base import PARSER, Blueprint, Id, Money, Quantity, flatten_messages
+from app.api.base import PARSER, Blueprint, Id, Money, Quantity, flatten_messages, reply
 from app.api.context import container
 from app.errors import ValidationFailed
 from app.services import checkout as checkout_service
@@ -104,10 +103,6 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _reply(status: int, body: dict):
-    response = jsonify(body)
-    response.status_code = status
-    return response
 
 
 # The views return finished responses: the services build the JSON of API.md, and the schemas
@@ -143,7 +138,7 @@ def add():
         return 201, service.add(body["user_id"], body["variant_id"], body["quantity"], body.get("user_tier"),
                                 body.get("price"))
 
-    return _reply(*run_once(c.redis, "add", body["user_id"], _idempotency_key(), do))
+    return reply(*run_once(c.redis, "add", body["user_id"], _idempotency_key(), do))
 
 
 # GET /api/cart/{user_id}/ and PATCH/DELETE /api/cart/{item_id}/ are one templated path to OpenAPI
@@ -159,7 +154,7 @@ _REF_PARAMETER = [{"in": "path", "name": "ref", "required": True,
 @blp.doc(summary="A customer's cart (`ref` is the user id); lapsed lines show as expired",
          security=[{"bearer": []}])
 def get_cart(ref):
-    return _reply(200, CartService(container()).get_cart(ref))
+    return reply(200, CartService(container()).get_cart(ref))
 
 
 @blp.route(_REF, methods=["PATCH"], parameters=_REF_PARAMETER)
@@ -170,7 +165,7 @@ def get_cart(ref):
 @blp.doc(summary="Change a line's quantity (`ref` is the item id; re-reserves, re-prices, renews the hold)",
          security=[{"bearer": []}])
 def change(body, ref):
-    return _reply(200, CartService(container()).change_quantity(ref, body["quantity"]))
+    return reply(200, CartService(container()).change_quantity(ref, body["quantity"]))
 
 
 @blp.route(_REF, methods=["DELETE"], parameters=_REF_PARAMETER)
@@ -201,4 +196,4 @@ def checkout(_body, user_id):
         found = checkout_service.recorded_checkout(c, user, key)
         return (201, found) if found is not None else None
 
-    return _reply(*run_once(c.redis, "checkout", user, key, do, durable))
+    return reply(*run_once(c.redis, "checkout", user, key, do, durable))

@@ -1,11 +1,9 @@
 """Orders (API.md, Orders)."""
 from __future__ import annotations
 
-import marshmallow as ma
-from marshmallow import fields
 
-from app.api.base import MAX_ID, Blueprint, PageArgs, list_schema, page_of
-from app.api.cart import OrderSchema, UserIdField, _reply
+from app.api.base import MAX_ID, Blueprint, PageArgs, list_schema, page_of, reply
+from app.api.cart import OrderSchema, UserIdField
 from app.api.context import container
 from app.services import checkout as checkout_service
 
@@ -25,11 +23,11 @@ OrderListSchema = list_schema(OrderSchema, "OrderList")
 @blp.doc(summary="Orders, newest first; ?user_id= for one customer's", security=[{"bearer": []}])
 def list_orders(args):
     items, total = checkout_service.list_orders(container(), args.get("user_id"), args["page"], args["per_page"])
-    return _reply(200, page_of(items, args["page"], args["per_page"], total))
+    return reply(200, page_of(items, args["page"], args["per_page"], total))
 
 
 @blp.route("/<int(max=%d):order_id>/" % MAX_ID)
 @blp.response(200, OrderSchema)
 @blp.doc(summary="One order", security=[{"bearer": []}])
 def get_order(order_id):
-    return _reply(200, checkout_service.get_order(container(), order_id))
+    return reply(200, checkout_service.get_order(container(), order_id))

@@ -18,8 +18,8 @@ from typing import Any, Optional
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import catalog_cache, keys, pricing
-from app.clock import now_ms, utcnow
+from app import catalog_cache, pricing
+from app.clock import utcnow
 from app.errors import NotFound, ValidationFailed
 from persistence.models import Category, PricingRule, Product, Variant
 
@@ -328,21 +328,13 @@ class PricingService:
 
     def read_catalog_version(self) -> Optional[int]:
         """The catalog version in Redis (one GET); None when the key does not exist."""
-        raw = self.redis.get(keys.catalog_version())
-        return int(raw) if raw is not None else None
-
-    def start_catalog_version(self) -> int:
-        """Create the version key when it is missing (fresh or emptied Redis), so the cache works
-        from the first request. It starts at the clock in ms, not 0, so a Redis that lost the key
-        does not count back up through numbers an older cache was keyed by."""
-        self.redis.set(keys.catalog_version(), now_ms(), nx=True)
-        return int(self.redis.get(keys.catalog_version()))
+        return catalog_cache.read(self.redis)
 
     def _current_snapshot(self, version: Optional[int]) -> _Snapshot:
         if version is None:
-            version = self.read_catalog_version()
+            version = catalog_cache.read(self.redis)
         if version is None:
-            version = self.start_catalog_version()
+            version = catalog_cache.start(self.redis)
         with self._lock:
             snapshot = self._snapshot
             if snapshot.fresh_for(version):
