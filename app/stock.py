@@ -1,8 +1,8 @@
 """The reservation engine: the only module that reads or changes stock in Redis.
 
 Every change goes through one of the Lua scripts in lua/ (see each file's header); this module
-turns their return codes into domain errors (`_raise_for`) and adds the database reads a script
-needs (on_hand and version when counters must be rebuilt, and for the reconciler).
+turns their return codes into domain errors and adds the database reads a script needs (on_hand
+and version when counters must be rebuilt, and for the reconciler).
 """
 from __future__ import annotations
 
@@ -168,15 +168,16 @@ class StockEngine:
             ks.append(keys.hold_timer(variant_id, hold_id))
         return ks
 
-    def _reserve_keys(self, variant_id: int) -> tuple[str, ...]:
-        """A variant's stock, holds, expiry, customer and sweep-index keys, built once per variant."""
+    def _indexed_keys(self, variant_id: int) -> list[str]:
+        """A variant's stock, holds, expiry and customer keys and its slot's sweep index: the KEYS
+        of the sweep and reconcile scripts. Built once per variant (reserve uses them on every call)."""
         cached = self._key_cache.get(variant_id)
         if cached is None:
             if len(self._key_cache) > 100_000:
                 self._key_cache.clear()
             cached = (*self._variant_keys(variant_id), keys.sweep_index(variant_id))
             self._key_cache[variant_id] = cached
-        return cached
+        return list(cached)
 
     def _run(self, calls: Sequence[tuple]) -> list:
         """Run script calls ("script", name, keys, args) and plain commands (see _cmd)
@@ -316,8 +317,8 @@ class StockEngine:
         hold_id = hold_id_for(variant_id, user_id)
         gen = secrets.token_hex(4)
         args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
-        ks = [*self._reserve_keys(variant_id), keys.hold_timer(variant_id, hold_id)]
-        ks.append(ks.pop(4))  # KEYS order: stock, holds, hexp, cust, timer, sweep index
+        stock, holds_, hexp, cust, index = self._indexed_keys(variant_id)
+        ks = [stock, holds_, hexp, cust, keys.hold_timer(variant_id, hold_id), index]
         extra = [self._cmd(name, *args_) for name, *args_ in also]
         replies: tuple = ()
         for _ in range(2):
@@ -358,12 +359,9 @@ class StockEngine:
     def release_many(self, holds: Sequence[tuple[int, str]], *, only_if_expired: bool = False,
                      now: int | None = None, gen: str = "") -> list[int]:
         """Release several holds in one round trip; returns units given back per hold."""
-        now = clock.now_ms() if now is None else now
         mode = "expired" if only_if_expired else "any"
-        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, mode, gen])
-                 for vid, hid in holds]
         out = []
-        for res in (self._run(calls) if calls else []):
+        for res in self._release(holds, mode, gen, now):
             released = int(res[1]) if res[0] == 1 else 0
             if res[0] == 1:
                 HOLDS.labels("expired" if only_if_expired else "released").inc()
@@ -376,11 +374,8 @@ class StockEngine:
         Returns per hold (units released, expiry ms when the hold is not yet due else 0): a timer
         can fire a little before this process's clock reaches the expiry, and the caller retries then.
         """
-        now = clock.now_ms() if now is None else now
-        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, "expired", ""])
-                 for vid, hid in holds]
         out = []
-        for res in (self._run(calls) if calls else []):
+        for res in self._release(holds, "expired", "", now):
             if res[0] == 1:
                 HOLDS.labels("expired").inc()
                 out.append((int(res[1]), 0))
@@ -390,12 +385,23 @@ class StockEngine:
                 out.append((0, 0))
         return out
 
+    def _release(self, holds: Sequence[tuple[int, str]], mode: str, gen: str, now: int | None) -> list:
+        now = clock.now_ms() if now is None else now
+        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, mode, gen])
+                 for vid, hid in holds]
+        return self._run(calls) if calls else []
+
     def holds(self, pairs: Sequence[tuple[int, str]]) -> list[HoldView | None]:
         """The current state of each (variant_id, hold_id): None when there is no such hold."""
-        if not pairs:
-            return []
-        results = self._run([self._cmd("hget", keys.holds(vid), hid) for vid, hid in pairs])
-        return [unpack_hold(r) for r in results]
+        return self.read_holds(pairs)[0] if pairs else []
+
+    def read_holds(self, pairs: Sequence[tuple[int, str]],
+                   also: Sequence[tuple] = ()) -> tuple[list[HoldView | None], list]:
+        """Holds as `holds` does, with the caller's own commands (e.g. ("hset", key, f, v)) sent
+        first in the same round trip; returns (holds, replies to `also`)."""
+        results = self._run([*(self._cmd(name, *args) for name, *args in also),
+                             *(self._cmd("hget", keys.holds(vid), hid) for vid, hid in pairs)])
+        return [unpack_hold(r) for r in results[len(also):]], results[:len(also)]
 
     # -- checkout ---------------------------------------------------------------------------------
 
@@ -476,20 +482,25 @@ class StockEngine:
             again = {slot for slot, members in zip(slots, reads) if len(members) >= batch}
             for i in range(0, len(due), 1000):
                 chunk = due[i:i + 1000]
-                results = self._run([("script", "sweepHolds", self._variant_keys(v) + [indexes[slot]],
-                                      [now_, SWEEP_SCRIPT_LIMIT, v, revisit_ms]) for slot, v in chunk])
-                for (slot, _v), (count, units, _earliest, _left) in zip(chunk, results):
-                    report.variants += 1
-                    report.holds += int(count)
-                    report.units += int(units)
-                    if int(count) >= SWEEP_SCRIPT_LIMIT:
-                        again.add(slot)
+                results = self._sweep_variants([v for _, v in chunk], now_, revisit_ms, report)
+                again.update(slot for (slot, _v), res in zip(chunk, results) if int(res[0]) >= SWEEP_SCRIPT_LIMIT)
             if not again:
                 break
             slots = sorted(again)
-        if report.holds:
-            HOLDS.labels("expired").inc(report.holds)
         return report
+
+    def _sweep_variants(self, variant_ids: list[int], now: int, revisit_ms: int, report: SweepReport) -> list:
+        """Run the sweep script on each variant (one round trip), add up the report; returns the
+        scripts' replies {released holds, released units, earliest expiry left, holds left}."""
+        results = self._run([("script", "sweepHolds", self._indexed_keys(v), [now, SWEEP_SCRIPT_LIMIT, v, revisit_ms])
+                             for v in variant_ids])
+        for count, units, _earliest, _left in results:
+            report.variants += 1
+            report.holds += int(count)
+            report.units += int(units)
+        if any(int(r[0]) for r in results):
+            HOLDS.labels("expired").inc(sum(int(r[0]) for r in results))
+        return results
 
     def sweep_due(self, now: int | None = None, batch: int = 500, revisit_ms: int = 1000) -> SweepReport:
         """The listener's fast path: sweep the variants the due hints name (a few reads, not the
@@ -504,21 +515,15 @@ class StockEngine:
             return report
         # remove first: a reserve landing meanwhile adds its hint again after its own script ran
         self._run([self._cmd("zrem", h, *members) for h, members in zip(hints, reads) if members])
-        results = self._run([("script", "sweepHolds", self._variant_keys(v) + [keys.sweep_index(v)],
-                              [now_, SWEEP_SCRIPT_LIMIT, v, revisit_ms]) for _, v in due])
+        results = self._sweep_variants([v for _, v in due], now_, revisit_ms, report)
         again = []
-        for (h, v), (count, units, earliest, _left) in zip(due, results):
-            report.variants += 1
-            report.holds += int(count)
-            report.units += int(units)
+        for (h, v), (count, _units, earliest, _left) in zip(due, results):
             if int(count) >= SWEEP_SCRIPT_LIMIT:
                 again.append(self._cmd("zadd", h, {str(v): now_}, lt=True))
             elif int(earliest) >= 0:
                 again.append(self._cmd("zadd", h, {str(v): max(int(earliest), now_ + revisit_ms)}, lt=True))
         if again:
             self._run(again)
-        if report.holds:
-            HOLDS.labels("expired").inc(report.holds)
         return report
 
     # -- reconciliation ---------------------------------------------------------------------------
@@ -569,7 +574,7 @@ class StockEngine:
     def _reconcile_batch(self, rows, report: ReconcileReport, dry_run: bool, now, grace: int,
                          second_pass: bool) -> None:
         now_ = clock.now_ms() if now is None else now
-        calls = [("script", "reconcileStock", self._variant_keys(vid) + [keys.sweep_index(vid)],
+        calls = [("script", "reconcileStock", self._indexed_keys(vid),
                   [on_hand, version, now_, grace, 1 if dry_run else 0])
                  for vid, on_hand, version in rows]
         results = self._run(calls)

@@ -14,13 +14,8 @@ local removed = 0
 for i = 1, #ARGV, 2 do
   local raw = redis.call("HGET", cartKey, ARGV[i])
   if raw then
-    local gen
-    if string.sub(raw, 1, 1) == "{" then
-      gen = cjson.decode(raw)["g"]
-    else
-      gen = string.match(raw, "^[^|]*|[^|]*|[^|]*|([^|]*)")
-    end
-    if gen == ARGV[i + 1] then
+    -- a line is qty|unit_price|expires_ms|gen|tier (app/services/cart.py, Line.dumps)
+    if string.match(raw, "^[^|]*|[^|]*|[^|]*|([^|]*)") == ARGV[i + 1] then
       redis.call("HDEL", cartKey, ARGV[i])
       removed = removed + 1
     end

@@ -1,23 +1,23 @@
 """The cart: every line is a hold (app.stock), priced once when it is added (a price snapshot).
 
-Add-to-cart is the hot path of a flash sale: three round trips to Redis (read, reserve, write) and
-none to the database once the catalog cache is warm. Stock and carts live in different hash slots,
+Add-to-cart is the hot path of a flash sale: two round trips to Redis (the reserve script with the
+reads it needs beside it, then the line's write) and none to the database once the catalog cache
+is warm. Stock and carts live in different hash slots,
 so the hold is taken first and the line written second: a crash in between leaves a hold with no
 line, which simply lapses (DESIGN.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from app import clock, keys
+from app import catalog_cache, clock, keys
 from app.composition import Container
 from app.errors import NotFound, PriceChanged, ProductNotActive, ValidationFailed
-from app.stock import hold_id_for, parse_hold_id, unpack_hold
+from app.stock import hold_id_for, parse_hold_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def money(value: Decimal) -> str:
 
 @dataclass
 class Line:
-    """A cart line as stored in the cart hash (compact JSON)."""
+    """A cart line as stored in the cart hash (see dumps)."""
 
     item_id: str
     variant_id: int
@@ -71,10 +71,6 @@ class Line:
     @classmethod
     def loads(cls, item_id: str, raw: str, sku: str = "") -> "Line":
         variant_id = int(item_id.partition("~")[0])
-        if raw.startswith("{"):  # a line written by an earlier version, as JSON
-            d = json.loads(raw)
-            return cls(item_id, variant_id, d.get("s", sku), int(d["q"]), Decimal(d["p"]), int(d["e"]), d["g"],
-                       d.get("t"))
         quantity, price, expires, gen, tier = raw.split("|")
         return cls(item_id, variant_id, sku, int(quantity), Decimal(price), int(expires), gen, tier or None)
 
@@ -86,6 +82,12 @@ def _stale(line: Line, hold) -> bool:
     """The line's hold lives on (same generation) but holds another quantity or expiry than the line says."""
     return (hold is not None and hold.gen == line.gen
             and (hold.quantity != line.quantity or hold.expires_ms != line.expires_ms))
+
+
+def _require_active(info) -> None:
+    if info.product_status != "active":
+        raise ProductNotActive(f"Product {info.product_id} is not active",
+                               {"product_id": info.product_id, "status": info.product_status})
 
 
 def _line_is_live(line: Line, hold, now: int) -> bool:
@@ -179,18 +181,11 @@ class CartService:
         lines[item_id] = line
 
         others = [l for l in lines.values() if l.item_id != item_id]
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.cart(user), item_id, line.dumps())
-        pipe.hget(keys.holds(variant_id), item_id)  # read back: did another add of this line land meanwhile?
-        for other in others:
-            pipe.hget(keys.holds(other.variant_id), other.item_id)
-        results = pipe.execute()
-        if _stale(line, unpack_hold(results[1])):
-            line = self._store_line(user, line, info.product_id, version)
-            lines[item_id] = line
+        line, other_holds = self._store_line(user, line, info.product_id, version, others)
+        lines[item_id] = line
         live = {item_id: True}
-        for other, raw in zip(others, results[2:]):
-            live[other.item_id] = _line_is_live(other, unpack_hold(raw), now)
+        for other, hold in zip(others, other_holds):
+            live[other.item_id] = _line_is_live(other, hold, now)
         return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
 
     def _reserve_first(self, variant_id: int, user: str, quantity: int, now: int, cached):
@@ -199,9 +194,9 @@ class CartService:
         and the product is no longer active, the units just taken go straight back."""
         cached_info, cached_version = cached
         reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
-                                          also=[("get", keys.catalog_version()), ("hgetall", keys.cart(user))])
+                                          also=[("get", catalog_cache.KEY), ("hgetall", keys.cart(user))])
         raw_version, raw_cart = reservation.also
-        version = int(raw_version) if raw_version is not None else None
+        version = catalog_cache.parse(raw_version)
         info = cached_info
         if version != cached_version:
             try:
@@ -211,29 +206,22 @@ class CartService:
                 raise
             if info.product_status != "active":
                 self.engine.reserve(variant_id, user, quantity, mode="sub")
-                raise ProductNotActive(f"Product {info.product_id} is not active",
-                                       {"product_id": info.product_id, "status": info.product_status})
+                _require_active(info)
         return reservation, info, version, raw_cart
 
     def _check_then_reserve(self, variant_id: int, user: str, quantity: int, tier: str | None,
                             shown_price: Decimal | None, now: int):
         """Every check before anything is reserved: a shown price that differs reserves nothing."""
         item_id = hold_id_for(variant_id, user)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.catalog_version())
-        pipe.hget(keys.holds(variant_id), item_id)
-        pipe.hgetall(keys.cart(user))
-        raw_version, raw_hold, raw_cart = pipe.execute()
-        version = int(raw_version) if raw_version is not None else None
+        (hold,), (raw_version, raw_cart) = self.engine.read_holds(
+            [(variant_id, item_id)], also=[("get", catalog_cache.KEY), ("hgetall", keys.cart(user))])
+        version = catalog_cache.parse(raw_version)
 
         info = self.pricing.variant_info(variant_id, catalog_version=version)
-        if info.product_status != "active":
-            raise ProductNotActive(f"Product {info.product_id} is not active", {"product_id": info.product_id,
-                                                                              "status": info.product_status})
+        _require_active(info)
         lines = {line.item_id: line for line in self._with_skus(
             [Line.loads(item, body) for item, body in raw_cart.items()], version)}
         existing = lines.get(item_id)
-        hold = unpack_hold(raw_hold)
         current = hold.quantity if existing and hold and _line_is_live(existing, hold, now) else 0
         quote = self.pricing.price(info.product_id, variant_id, current + quantity, tier,
                                    catalog_version=version)
@@ -250,26 +238,32 @@ class CartService:
                                        catalog_version=version)
         return reservation, info, version, lines, quote
 
-    def _store_line(self, user: str, line: Line, product_id: int, version: int | None) -> Line:
-        """Write a cart line until it shows what its hold holds.
+    def _store_line(self, user: str, line: Line, product_id: int, version: int | None,
+                    others: list[Line] = ()) -> tuple[Line, list]:
+        """Write a cart line until it shows what its hold holds; returns the line written and the
+        holds of `others` (read in the same round trip as the first write, for the cart's statuses).
 
         Hold and line live in different hash slots, so they cannot change in one step: two adds of
         the same line can reserve in one order and write their lines in the other, leaving the line
         at an older quantity and price than the hold. Every writer reads the hold back after writing
         and writes again on a difference, so the last write always matches the hold.
         """
-        for _ in range(_STORE_ATTEMPTS):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(keys.cart(user), line.item_id, line.dumps())
-            pipe.hget(keys.holds(line.variant_id), line.item_id)
-            hold = unpack_hold(pipe.execute()[1])
+        other_holds: list = []
+        for attempt in range(_STORE_ATTEMPTS):
+            reads = [(line.variant_id, line.item_id)]
+            if attempt == 0:
+                reads += [(o.variant_id, o.item_id) for o in others]
+            holds, _ = self.engine.read_holds(reads, also=[("hset", keys.cart(user), line.item_id, line.dumps())])
+            hold = holds[0]
+            if attempt == 0:
+                other_holds = holds[1:]
             if not _stale(line, hold):
-                return line
+                break
             quote = self.pricing.price(product_id, line.variant_id, hold.quantity, line.tier,
                                        catalog_version=version)
             line = Line(line.item_id, line.variant_id, line.sku, hold.quantity, quote.unit_price, hold.expires_ms,
                         hold.gen, line.tier)
-        return line
+        return line, other_holds
 
     # -- change / remove --------------------------------------------------------------------------
 
@@ -290,14 +284,12 @@ class CartService:
         user, line = self._find(item_id)
         version = self.pricing.read_catalog_version()
         info = self.pricing.variant_info(line.variant_id, catalog_version=version)
-        if info.product_status != "active":
-            raise ProductNotActive(f"Product {info.product_id} is not active",
-                                   {"product_id": info.product_id, "status": info.product_status})
+        _require_active(info)
         quote = self.pricing.price(info.product_id, line.variant_id, quantity, line.tier, catalog_version=version)
         reservation = self.engine.reserve(line.variant_id, user, quantity, mode="set")
         line = Line(item_id, line.variant_id, line.sku, reservation.quantity, quote.unit_price,
                     reservation.expires_ms, reservation.gen, line.tier)
-        line = self._store_line(user, line, info.product_id, version)
+        line, _ = self._store_line(user, line, info.product_id, version)
         lines = self._lines(user)
         return {"item": item_json(line, True), "cart": cart_json(user, lines, self._liveness(lines))}
 
