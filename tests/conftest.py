@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -177,6 +175,21 @@ def app(container):
     application = create_app(container=container)
     application.config["TESTING"] = True
     return application
+
+
+@pytest.fixture
+def build_app(clean_stores):
+    """build_app(env) -> (test client, container) for settings a test changes; closed at the end."""
+    made: list[Container] = []
+
+    def build(env: dict):
+        container = Container(load_settings(env))
+        made.append(container)
+        return create_app(container=container).test_client(), container
+
+    yield build
+    for container in made:
+        container.close()
 
 
 @pytest.fixture

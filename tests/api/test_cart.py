@@ -135,9 +135,9 @@ def test_malformed_json_is_bad_json(client):
     assert response.get_json()["error"]["code"] == "bad_json"
 
 
-def test_the_per_customer_limit_counts_held_and_ordered_units(env, sessions_factory):
+def test_the_per_customer_limit_counts_held_and_ordered_units(env, build_app):
     env["MAX_UNITS_PER_CUSTOMER"] = "3"
-    client, container = sessions_factory(env)
+    client, container = build_app(env)
     vid = make_variant(container.sessions, on_hand=20)
     assert add(client, "u1", vid, 2).status_code == 201
     response = add(client, "u1", vid, 2)
@@ -192,9 +192,9 @@ def test_a_user_with_no_cart_gets_an_empty_one(client):
     assert body == {"user_id": "nobody", "items": [], "subtotal": "0.00", "expires_at": None}
 
 
-def test_a_lapsed_line_stays_in_the_cart_as_expired_and_checkout_refuses_it(env, sessions_factory):
+def test_a_lapsed_line_stays_in_the_cart_as_expired_and_checkout_refuses_it(env, build_app):
     env["HOLD_TTL_SECONDS"] = "2"
-    client, container = sessions_factory(env)
+    client, container = build_app(env)
     vid = make_variant(container.sessions, on_hand=10)
     other = make_variant(container.sessions, on_hand=10)
     item = add(client, 9, vid, 3).get_json()["item"]
@@ -387,27 +387,6 @@ def test_a_database_failure_during_checkout_unlocks_the_holds(client, container,
     assert holds[0] is not None and holds[0].state == "held"
     assert client.post("/api/cart/dbfail/checkout/").status_code == 201
     assert on_hand(sessions, vid) == 8
-
-
-@pytest.fixture
-def sessions_factory(clean_stores):
-    """Build a client and container from a changed environment."""
-    from app import create_app
-    from app.composition import Container
-    from app.settings import load_settings
-
-    made = []
-
-    def build(env):
-        container = Container(load_settings(env))
-        app = create_app(container=container)
-        made.append(container)
-        return app.test_client(), container
-
-    yield build
-    for c in made:
-        c.close()
-
 
 
 def test_a_checkout_completed_by_the_reconciler_clears_its_cart_lines(client, container, sessions):

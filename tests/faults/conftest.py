@@ -19,7 +19,6 @@ import redis as redis_lib
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from app import create_app
 from app.composition import Container
 from app.embedded import EmbeddedRedis
 from app.settings import ROOT, load_settings
@@ -105,19 +104,9 @@ def base_env(env):
 
 
 @pytest.fixture
-def build(clean_stores):
+def build(build_app):
     """build(env) -> (test client, container); everything is closed at the end of the test."""
-    made: list[Container] = []
-
-    def _build(env: dict):
-        container = Container(load_settings(env))
-        app = create_app(container=container)
-        made.append(container)
-        return app.test_client(), container
-
-    yield _build
-    for container in made:
-        container.close()
+    return build_app
 
 
 @pytest.fixture
