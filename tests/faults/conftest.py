@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from app.composition import Container
 from app.embedded import EmbeddedRedis
-from app.settings import ROOT, load_settings
+from app.settings import ROOT
 from persistence.db import migrate
 from persistence.models import Order, OrderLine, Stock
 
