@@ -50,6 +50,8 @@ class Container:
         return PricingService(self.sessions, self.redis, self.settings)
 
     def close(self) -> None:
+        if "stock" in self.__dict__:
+            self.stock.close()
         if "db" in self.__dict__:
             self.db.dispose()
         if "redis" in self.__dict__:

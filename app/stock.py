@@ -7,14 +7,17 @@ and version when counters must be rebuilt, and for the reconciler).
 from __future__ import annotations
 
 import logging
-import secrets
+import os
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from redis.exceptions import NoScriptError
+from redis import Redis
+from redis.exceptions import NoScriptError, ResponseError
 from sqlalchemy import func, select
 
-from app import clock, keys
+from app import clock, keys, lane
+from app.lane import Lane
 from app.errors import Conflict, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
 from app.metrics import HOLDS, RECONCILE_DRIFT, REJECTIONS
 from app.scripts import Scripts
@@ -32,6 +35,16 @@ class CheckoutInProgress(Conflict):
 
 
 # --- hold ids --------------------------------------------------------------------------------
+
+_rng = random.Random()
+os.register_at_fork(after_in_child=_rng.seed)  # a forked child must not repeat its parent's numbers
+
+
+def _gen() -> str:
+    """A fresh hold's generation: random, to tell a hold from an earlier one under the same id
+    (not a secret; seeded from os.urandom per process, so no system call per reserve)."""
+    return "%08x" % _rng.getrandbits(32)
+
 
 def hold_id_for(variant_id: int, user_id: str) -> str:
     """One hold (and cart line) per customer and variant: a second add merges into it."""
@@ -137,6 +150,16 @@ def unpack_hold(raw: str | None) -> HoldView | None:
     return HoldView(int(qty), int(exp), "locked" if state == "l" else "held", user, gen, token, int(lockms or 0))
 
 
+def _raw_replies(commands: Sequence[tuple], replies: list) -> list:
+    """Replies read off a lane: an error reply is raised, HGETALL's map is a dict."""
+    out = []
+    for cmd, reply in zip(commands, replies):
+        if isinstance(reply, ResponseError):
+            raise reply
+        out.append(lane.as_dict(reply) if cmd[0].upper() == "HGETALL" else reply)
+    return out
+
+
 # --- the engine ----------------------------------------------------------------------------------
 
 class StockEngine:
@@ -150,11 +173,19 @@ class StockEngine:
         self.ttl_ms = settings.hold_ttl_seconds * 1000
         self.grace_ms = settings.checkout_grace_seconds * 1000
         self._key_cache: dict[int, tuple[str, ...]] = {}
+        # the hot path's own connections (app/lane.py); a cluster client routes each call itself
+        self.lane = Lane(redis) if isinstance(redis, Redis) else None
+        self._reserve_head: dict[int, bytes] = {}
         self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",
                      "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock",
                      "dropCartLines")}
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Disconnect this thread's hot-path connection."""
+        if self.lane is not None:
+            self.lane.close()
 
     def ensure_scripts_loaded(self) -> None:
         """Load every script into the server's cache (readiness)."""
@@ -203,6 +234,8 @@ class StockEngine:
                 _, name, ks, args = call
                 # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the latter
                 pipe.execute_command("EVALSHA", self._sha[name], len(ks), *ks, *args)
+            elif call[0] == "raw":
+                pipe.execute_command(*call[1])
             else:
                 _, method, args, kwargs = call
                 getattr(pipe, method)(*args, **kwargs)
@@ -299,14 +332,18 @@ class StockEngine:
 
     # -- holds ------------------------------------------------------------------------------------
 
+    def reserve_keys(self, variant_id: int, hold_id: str) -> list[str]:
+        """The KEYS of reserveHold: the variant's fixed keys, then the hold's timer key."""
+        return [*self._indexed_keys(variant_id), keys.hold_timer(variant_id, hold_id)]
+
     def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
                 now: int | None = None, ttl_ms: int | None = None, limit: int | None = None,
                 also: Sequence[tuple] = ()) -> Reservation:
         """Reserve `quantity` more units (mode "add"), make the hold exactly `quantity` (mode "set"),
         or give back `quantity` units of it (mode "sub", to undo an add).
 
-        `also`: plain read commands, e.g. ("get", key), sent in the same round trip; their replies
-        are on the returned reservation's `also` (the caller's reads of its own keys ride along).
+        `also`: plain read commands as Redis takes them, e.g. ("GET", key), sent in the same round
+        trip; their replies (HGETALL as a dict) are on the returned reservation's `also`.
 
         Raises:
             InsufficientStock, LimitExceeded, CheckoutInProgress, NotFound (no such variant).
@@ -315,26 +352,20 @@ class StockEngine:
         ttl = self.ttl_ms if ttl_ms is None else ttl_ms
         limit = self.settings.max_units_per_customer if limit is None else limit
         hold_id = hold_id_for(variant_id, user_id)
-        gen = secrets.token_hex(4)
-        args = [hold_id, quantity, now, ttl, user_id, mode, limit, gen]
-        stock, holds_, hexp, cust, index = self._indexed_keys(variant_id)
-        ks = [stock, holds_, hexp, cust, keys.hold_timer(variant_id, hold_id), index]
-        extra = [self._cmd(name, *args_) for name, *args_ in also]
+        gen = _gen()
+        # the call's changing part: the timer key (the last KEY) and the arguments
+        tail = (keys.hold_timer(variant_id, hold_id), hold_id, quantity, now, ttl, user_id, mode, limit, gen)
         replies: tuple = ()
         for _ in range(2):
-            if extra:
-                # one round trip: the script and the caller's own reads beside it
-                res, *more = self._run([("script", "reserveHold", ks, args), *extra])
-                replies = replies or tuple(more)
-            else:
-                res = self._eval("reserveHold", ks, args)
+            res, more = self._reserve_call(variant_id, tail, also)
+            replies = replies or more
             code = res[0]
             if code == 1:
                 _RESERVED.inc()
                 if int(res[5]):
                     # this hold is its variant's earliest: tell the listener's fast path (a hint;
                     # later holds of a busy variant expire after it and need no write)
-                    self.redis.zadd(keys.due_hint(variant_id), {str(variant_id): int(res[3])}, lt=True)
+                    self._plain([("ZADD", keys.due_hint(variant_id), "LT", int(res[3]), str(variant_id))])
                 return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
             if code == -1:
                 self.rebuild_from_db([variant_id])
@@ -350,6 +381,42 @@ class StockEngine:
                 raise CheckoutInProgress("This item is being checked out", {"variant_id": variant_id})
             raise RuntimeError(f"reserveHold returned {res!r}")
         raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
+
+    def _reserve_call(self, variant_id: int, tail: tuple, also: Sequence[tuple]) -> tuple[list, tuple]:
+        """One reserveHold call with the `also` commands beside it, in one round trip."""
+        if self.lane is None:
+            ks = [*self._indexed_keys(variant_id), tail[0]]
+            if not also:
+                return self._eval("reserveHold", ks, list(tail[1:])), ()
+            res, *more = self._run([("script", "reserveHold", ks, list(tail[1:])),
+                                    *(("raw", c) for c in also)])
+            return res, tuple(more)
+        head = self._reserve_head.get(variant_id)
+        if head is None:
+            if len(self._reserve_head) > 100_000:
+                self._reserve_head.clear()
+            head = self._reserve_head[variant_id] = lane.script_prefix(
+                self._sha["reserveHold"], 6, self._indexed_keys(variant_id), 6 + 8)
+        packed = head + lane.bulks(tail)
+        if not also:
+            try:
+                return self.lane.call(packed), ()
+            except NoScriptError:  # not run: the server lost its script cache
+                self.scripts.load_all()
+                return self.lane.call(packed), ()
+        packed += b"".join(lane.pack(*c) for c in also)
+        results = self.lane.call_many(packed, 1 + len(also))
+        if isinstance(results[0], NoScriptError):
+            self.scripts.load_all()
+            results = self.lane.call_many(packed, 1 + len(also))
+        return results[0], tuple(_raw_replies(also, results[1:]))
+
+    def _plain(self, commands: Sequence[tuple]) -> list:
+        """Plain commands as Redis takes them, e.g. ("HGET", key, field), in one round trip; HGETALL
+        replies as dicts."""
+        if self.lane is None:
+            return self._run([("raw", c) for c in commands])
+        return _raw_replies(commands, self.lane.execute(commands))
 
     def release(self, variant_id: int, hold_id: str, *, only_if_expired: bool = False,
                 now: int | None = None, gen: str = "") -> int:
@@ -397,10 +464,9 @@ class StockEngine:
 
     def read_holds(self, pairs: Sequence[tuple[int, str]],
                    also: Sequence[tuple] = ()) -> tuple[list[HoldView | None], list]:
-        """Holds as `holds` does, with the caller's own commands (e.g. ("hset", key, f, v)) sent
-        first in the same round trip; returns (holds, replies to `also`)."""
-        results = self._run([*(self._cmd(name, *args) for name, *args in also),
-                             *(self._cmd("hget", keys.holds(vid), hid) for vid, hid in pairs)])
+        """Holds as `holds` does, with the caller's own commands as Redis takes them (e.g.
+        ("HSET", key, f, v)) sent first in the same round trip; returns (holds, replies to `also`)."""
+        results = self._plain([*also, *(("HGET", keys.holds(vid), hid) for vid, hid in pairs)])
         return [unpack_hold(r) for r in results[len(also):]], results[:len(also)]
 
     # -- checkout ---------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
   KEYS[3] hexp:{v}    zset hold id -> expiry ms
   KEYS[4] cust:{v}    hash user -> units held plus ordered; kept only while a limit is set (ARGV[7] > 0),
                       so it costs no memory without one, and counts from the moment one is set
-  KEYS[5] ht:{v}:<id> timer key (TTL only, raises the `expired` event)
-  KEYS[6] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
+  KEYS[5] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
+  KEYS[6] ht:{v}:<id> timer key (TTL only, raises the `expired` event); last, as the only key that
+                      changes from call to call (the caller packs the fixed ones once per variant)
   ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
   ARGV[6] mode: "add" (hold qty += qty) | "set" (hold qty = qty; 0 removes the hold)
                | "sub" (hold qty -= qty, not below 0: undoes an "add" that must not stand)
@@ -27,7 +28,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, timerKey, indexKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local stockKey, holdsKey, expKey, custKey, indexKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local holdId, qty, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local user, mode, limit, freshGen = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 

@@ -194,7 +194,7 @@ class CartService:
         and the product is no longer active, the units just taken go straight back."""
         cached_info, cached_version = cached
         reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
-                                          also=[("get", catalog_cache.KEY), ("hgetall", keys.cart(user))])
+                                          also=[("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))])
         raw_version, raw_cart = reservation.also
         version = catalog_cache.parse(raw_version)
         info = cached_info
@@ -214,7 +214,7 @@ class CartService:
         """Every check before anything is reserved: a shown price that differs reserves nothing."""
         item_id = hold_id_for(variant_id, user)
         (hold,), (raw_version, raw_cart) = self.engine.read_holds(
-            [(variant_id, item_id)], also=[("get", catalog_cache.KEY), ("hgetall", keys.cart(user))])
+            [(variant_id, item_id)], also=[("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))])
         version = catalog_cache.parse(raw_version)
 
         info = self.pricing.variant_info(variant_id, catalog_version=version)
@@ -253,7 +253,7 @@ class CartService:
             reads = [(line.variant_id, line.item_id)]
             if attempt == 0:
                 reads += [(o.variant_id, o.item_id) for o in others]
-            holds, _ = self.engine.read_holds(reads, also=[("hset", keys.cart(user), line.item_id, line.dumps())])
+            holds, _ = self.engine.read_holds(reads, also=[("HSET", keys.cart(user), line.item_id, line.dumps())])
             hold = holds[0]
             if attempt == 0:
                 other_holds = holds[1:]

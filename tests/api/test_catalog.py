@@ -54,6 +54,9 @@ class FakeStock:
     def forget(self, variant_id):
         self.forgotten.append(variant_id)
 
+    def close(self):
+        pass
+
 
 @pytest.fixture
 def stock(container):

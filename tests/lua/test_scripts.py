@@ -56,7 +56,9 @@ INDEXED = {"reserveHold", "sweepHolds", "reconcileStock"}  # these also keep the
 def run(engine, name, vid, args, hold_id=None, n_keys=None):
     ks = StockEngine._variant_keys(vid, hold_id)
     ks = ks[:n_keys] if n_keys else ks
-    if name in INDEXED:
+    if name == "reserveHold":
+        ks = engine.reserve_keys(vid, hold_id)
+    elif name in INDEXED:
         ks = ks + [keys.sweep_index(vid)]
     return engine.scripts[name](keys=ks, args=args)
 
