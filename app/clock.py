@@ -16,10 +16,18 @@ def utcnow() -> datetime:
 
 
 def ms_to_iso(ms: int | None) -> str | None:
-    """Milliseconds since the epoch as ISO-8601 UTC with a Z."""
+    """Milliseconds since the epoch as ISO-8601 UTC with a Z, e.g. 2026-12-01T10:00:00.123Z."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    global _last_second
+    seconds, millis = divmod(int(ms), 1000)
+    last = _last_second  # every line of a cart rendered now mostly shares one second: format it once
+    if last[0] != seconds:
+        last = _last_second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return "%s.%03dZ" % (last[1], millis)
+
+
+_last_second: tuple[int, str] = (-1, "")
 
 
 def iso(dt: datetime | None) -> str | None:

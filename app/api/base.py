@@ -55,27 +55,39 @@ def _clean_text(value: Any) -> bool:
     return True
 
 
+def decode_json(req) -> Any:
+    """The request's JSON body (core.missing when there is none); 415 when it is not JSON, 400
+    `bad_json` when it does not parse. Strings are not checked yet: see require_clean_text."""
+    data = req.get_data(cache=True)
+    if not data:
+        return core.missing
+    if not is_json_request(req):
+        raise UnsupportedMediaType("Request body must be JSON (Content-Type: application/json)")
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadJson("Request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadJson("Request body is not valid JSON") from None
+
+
+def require_clean_text(value: Any) -> None:
+    """400 `bad_json` when a string of a decoded body holds NUL or a lone surrogate."""
+    if not _clean_text(value):
+        # "\ud800" and "\u0000" are valid JSON escapes, but neither is text a store can keep:
+        # Postgres refuses both, and a lone surrogate cannot even be encoded as UTF-8.
+        raise BadJson("Request body contains a NUL character or an unpaired surrogate")
+
+
 class Parser(FlaskParser):
     """JSON only; bad JSON is `bad_json`, a bad field is `validation_error` (400, API.md)."""
 
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
-        data = req.get_data(cache=True)
-        if not data:
-            return core.missing
-        if not is_json_request(req):
-            raise UnsupportedMediaType("Request body must be JSON (Content-Type: application/json)")
-        try:
-            value = json.loads(data, parse_constant=_reject_constant)
-        except RecursionError:
-            raise BadJson("Request body is nested too deeply") from None
-        except (ValueError, UnicodeDecodeError):
-            raise BadJson("Request body is not valid JSON") from None
-        if not _clean_text(value):
-            # "\ud800" and "\u0000" are valid JSON escapes, but neither is text a store can keep:
-            # Postgres refuses both, and a lone surrogate cannot even be encoded as UTF-8.
-            raise BadJson("Request body contains a NUL character or an unpaired surrogate")
+        value = decode_json(req)
+        if value is not core.missing:
+            require_clean_text(value)
         return value
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):

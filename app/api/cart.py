@@ -8,15 +8,17 @@ from flask import request
 from marshmallow import fields, validate
 from webargs import core
 
-from app.api.base import PARSER, Blueprint, Id, Money, Quantity, flatten_messages, reply
+from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, decode_json, flatten_messages,
+                          reply, require_clean_text)
 from app.api.context import container
 from app.errors import ValidationFailed
 from app.services import checkout as checkout_service
-from app.services.cart import CartService, canonical_user
+from app.services.cart import MAX_INT_USER, USER_ID_RE, CartService, canonical_user
 from app.services.idempotency import run_once
 
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
 
+TIER_PATTERN = r"^[A-Za-z0-9_\-]{1,32}$"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _SECURED = {"security": [{"bearer": []}],
             "parameters": [{"in": "header", "name": "Idempotency-Key", "required": False,
@@ -41,7 +43,7 @@ class AddSchema(ma.Schema):
     user_id = UserIdField(required=True, metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
     variant_id = Id(required=True)
     quantity = Quantity(required=True)
-    user_tier = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9_\-]{1,32}$"), allow_none=True)
+    user_tier = fields.String(validate=validate.Regexp(TIER_PATTERN), allow_none=True)
     price = Money(allow_none=True)
 
 
@@ -109,14 +111,50 @@ def _idempotency_key() -> str | None:
 # above document it (and validate it in tests) without a second serialisation on the hot path.
 
 _ADD_SCHEMA = AddSchema()
+_ADD_FIELDS = frozenset(_ADD_SCHEMA.fields)
+_TIER = re.compile(TIER_PATTERN)
+
+
+def _plain_add(data) -> dict | None:
+    """What AddSchema loads from the common add body (no shown price, every field plainly valid),
+    checked directly; None for anything else, which the schema then judges and words the errors of.
+    Every string it lets through matched a pattern, so none can hold a NUL or a lone surrogate."""
+    if type(data) is not dict or not _ADD_FIELDS.issuperset(data):
+        return None
+    variant_id, quantity, user = data.get("variant_id"), data.get("quantity"), data.get("user_id")
+    if type(variant_id) is not int or not 1 <= variant_id <= MAX_ID:
+        return None
+    if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
+        return None
+    if type(user) is int:
+        if not 0 <= user < MAX_INT_USER:
+            return None
+        user = str(user)
+    elif type(user) is not str or not USER_ID_RE.match(user):
+        return None
+    body = {"user_id": user, "variant_id": variant_id, "quantity": quantity}
+    if "user_tier" in data:
+        tier = data["user_tier"]
+        if tier is not None and (type(tier) is not str or not _TIER.match(tier)):
+            return None
+        body["user_tier"] = tier
+    if "price" in data:
+        if data["price"] is not None:
+            return None  # money: the schema's Money field parses it
+        body["price"] = None
+    return body
 
 
 def _load_add() -> dict:
     """The add body, loaded as flask-smorest's arguments would (same parser, same errors), without
     webargs' per-request machinery: add-to-cart is the flash-sale path."""
-    data = PARSER._raw_load_json(request)
+    data = decode_json(request)
+    plain = _plain_add(data)
+    if plain is not None:
+        return plain
     if data is core.missing:
         data = {}
+    require_clean_text(data)
     try:
         return _ADD_SCHEMA.load(data)
     except ma.ValidationError as exc:

@@ -22,6 +22,7 @@ from app.stock import hold_id_for, parse_hold_id
 log = logging.getLogger(__name__)
 
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MAX_INT_USER = 10**18  # an integer user id is below this
 CENTS = Decimal("0.01")
 
 
@@ -30,7 +31,7 @@ def canonical_user(user_id: Any) -> str:
     if isinstance(user_id, bool):
         raise ValidationFailed("Request has invalid fields", {"user_id": ["Not a valid user id."]})
     if isinstance(user_id, int):
-        if user_id < 0 or user_id >= 10**18:
+        if user_id < 0 or user_id >= MAX_INT_USER:
             raise ValidationFailed("Request has invalid fields", {"user_id": ["Not a valid user id."]})
         return str(user_id)
     if isinstance(user_id, str) and USER_ID_RE.match(user_id):
