@@ -40,7 +40,7 @@ _rng = random.Random()
 os.register_at_fork(after_in_child=_rng.seed)  # a forked child must not repeat its parent's numbers
 
 
-def _gen() -> str:
+def new_gen() -> str:
     """A fresh hold's generation: random, to tell a hold from an earlier one under the same id
     (not a secret; seeded from os.urandom per process, so no system call per reserve)."""
     return "%08x" % _rng.getrandbits(32)
@@ -338,11 +338,12 @@ class StockEngine:
 
     def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
                 now: int | None = None, ttl_ms: int | None = None, limit: int | None = None,
-                also: Sequence[tuple] = ()) -> Reservation:
+                gen: str | None = None, also: Sequence[tuple] = ()) -> Reservation:
         """Reserve `quantity` more units (mode "add"), make the hold exactly `quantity` (mode "set"),
         or give back `quantity` units of it (mode "sub", to undo an add).
 
-        `also`: plain read commands as Redis takes them, e.g. ("GET", key), sent in the same round
+        `gen`: the generation a fresh hold gets (default: a new random one); a live hold keeps its own.
+        `also`: plain commands as Redis takes them, e.g. ("GET", key), sent in the same round
         trip; their replies (HGETALL as a dict) are on the returned reservation's `also`.
 
         Raises:
@@ -352,7 +353,7 @@ class StockEngine:
         ttl = self.ttl_ms if ttl_ms is None else ttl_ms
         limit = self.settings.max_units_per_customer if limit is None else limit
         hold_id = hold_id_for(variant_id, user_id)
-        gen = _gen()
+        gen = gen or new_gen()
         # the call's changing part: the timer key (the last KEY) and the arguments
         tail = (keys.hold_timer(variant_id, hold_id), hold_id, quantity, now, ttl, user_id, mode, limit, gen)
         replies: tuple = ()

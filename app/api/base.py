@@ -7,7 +7,8 @@ from typing import Any
 
 import flask_smorest
 import marshmallow as ma
-from flask import jsonify
+from flask import current_app
+from flask.json.provider import _default as _flask_json_default
 from marshmallow import fields, validate
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -61,7 +62,7 @@ def decode_json(req) -> Any:
     data = req.get_data(cache=True)
     if not data:
         return core.missing
-    if not is_json_request(req):
+    if req.environ.get("CONTENT_TYPE") != "application/json" and not is_json_request(req):
         raise UnsupportedMediaType("Request body must be JSON (Content-Type: application/json)")
     try:
         return json.loads(data, parse_constant=_reject_constant)
@@ -182,11 +183,14 @@ def list_schema(item_schema: type[ma.Schema], name: str) -> type[ma.Schema]:
     )
 
 
+# What jsonify writes outside debug mode (compact, ASCII, keys in the order built, the same
+# fallbacks for dates, decimals and dataclasses), with one encoder built once instead of per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_flask_json_default)
+
+
 def reply(status: int, body: dict):
     """A JSON response a service already built in API.md's shape (no second serialisation)."""
-    response = jsonify(body)
-    response.status_code = status
-    return response
+    return current_app.response_class(_ENCODER.encode(body) + "\n", status=status, mimetype="application/json")
 
 
 def page_of(items: list, page: int, per_page: int, total: int) -> dict:

@@ -1,8 +1,8 @@
 """The cart: every line is a hold (app.stock), priced once when it is added (a price snapshot).
 
-Add-to-cart is the hot path of a flash sale: two round trips to Redis (the reserve script with the
-reads it needs beside it, then the line's write) and none to the database once the catalog cache
-is warm. Stock and carts live in different hash slots,
+Add-to-cart is the hot path of a flash sale: one round trip to Redis for a new line (the reserve
+script with the reads it needs and the line's write beside it), two when it merges into a line, and
+none to the database once the catalog cache is warm. Stock and carts live in different hash slots,
 so the hold is taken first and the line written second: a crash in between leaves a hold with no
 line, which simply lapses (DESIGN.md).
 """
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from app import catalog_cache, clock, keys
 from app.composition import Container
-from app.errors import NotFound, PriceChanged, ProductNotActive, ValidationFailed
-from app.stock import hold_id_for, parse_hold_id
+from app.errors import InsufficientStock, NotFound, PriceChanged, ProductNotActive, ValidationFailed
+from app.stock import hold_id_for, new_gen, parse_hold_id
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class Line:
 
 
 _STORE_ATTEMPTS = 5
+# After a refusal for stock, adds of that variant in this process skip the line written ahead of
+# the reserve for a moment: a sold-out item would otherwise cost each refused add a second round trip.
+_SHORT_SECONDS = 1.0
+_SHORT_UNTIL: dict[int, float] = {}
 
 
 def _stale(line: Line, hold) -> bool:
@@ -169,11 +174,18 @@ class CartService:
         now = clock.now_ms()
         cached = self.pricing.cached_variant_info(variant_id)
         if shown_price is None and cached is not None and cached[0].product_status == "active":
-            reservation, info, version, raw_cart = self._reserve_first(variant_id, user, quantity, now, cached)
-            quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
-                                       catalog_version=version)
+            reservation, info, version, raw_cart, written = self._reserve_first(
+                variant_id, user, quantity, tier, now, cached)
             lines = {line.item_id: line for line in self._with_skus(
                 [Line.loads(item, body) for item, body in raw_cart.items()], version)}
+            if written is not None:
+                # the line went in with the reserve: only the other lines' holds are left to read
+                others = [l for l in lines.values() if l.item_id != item_id]
+                lines[item_id] = written
+                other_holds = self.engine.holds([(o.variant_id, o.item_id) for o in others]) if others else []
+                return self._added(user, written, lines, others, other_holds, now)
+            quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
+                                       catalog_version=version)
         else:
             reservation, info, version, lines, quote = self._check_then_reserve(
                 variant_id, user, quantity, tier, shown_price, now)
@@ -184,19 +196,50 @@ class CartService:
         others = [l for l in lines.values() if l.item_id != item_id]
         line, other_holds = self._store_line(user, line, info.product_id, version, others)
         lines[item_id] = line
-        live = {item_id: True}
+        return self._added(user, line, lines, others, other_holds, now)
+
+    @staticmethod
+    def _added(user: str, line: Line, lines: dict[str, Line], others: list[Line], other_holds: list,
+               now: int) -> dict:
+        live = {line.item_id: True}
         for other, hold in zip(others, other_holds):
             live[other.item_id] = _line_is_live(other, hold, now)
         return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
 
-    def _reserve_first(self, variant_id: int, user: str, quantity: int, now: int, cached):
+    def _reserve_first(self, variant_id: int, user: str, quantity: int, tier: str | None, now: int, cached):
         """The flash-sale path (no shown price, catalog cached): reserve, read the catalog version
         and the cart in one round trip, then check the cache was current. If the catalog changed
-        and the product is no longer active, the units just taken go straight back."""
+        and the product is no longer active, the units just taken go straight back.
+
+        Unless the variant was short of stock a moment ago, the line is written in that same round
+        trip too, priced from the cache for a fresh hold of `quantity` and only where the cart has
+        no line for the item yet (HSETNX). It stands when the reserve did make exactly that fresh
+        hold and the cache was current: then the line is the 5th value returned, and the add is one
+        round trip. Otherwise it is treated as not written (the usual write and read-back follow),
+        and on a refusal it is taken out again (only if still ours, by its generation), so a
+        refused add leaves no line; a crash before that leaves one that shows as expired.
+        """
         cached_info, cached_version = cached
-        reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
-                                          also=[("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))])
-        raw_version, raw_cart = reservation.also
+        item_id = hold_id_for(variant_id, user)
+        also = [("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))]
+        guess = None
+        if _SHORT_UNTIL.get(variant_id, 0.0) < time.monotonic():
+            quote = self.pricing.price(cached_info.product_id, variant_id, quantity, tier,
+                                       catalog_version=cached_version)
+            guess = Line(item_id, variant_id, cached_info.sku, quantity, quote.unit_price,
+                         now + self.engine.ttl_ms, new_gen(), tier)
+            also.append(("HSETNX", keys.cart(user), item_id, guess.dumps()))
+        try:
+            reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
+                                              gen=guess.gen if guess else None, also=also)
+        except InsufficientStock:
+            _SHORT_UNTIL[variant_id] = time.monotonic() + _SHORT_SECONDS
+            self._take_back(user, guess)
+            raise
+        except Exception:
+            self._take_back(user, guess)
+            raise
+        raw_version, raw_cart, *wrote = reservation.also
         version = catalog_cache.parse(raw_version)
         info = cached_info
         if version != cached_version:
@@ -204,11 +247,25 @@ class CartService:
                 info = self.pricing.variant_info(variant_id, catalog_version=version)
             except NotFound:
                 self.engine.reserve(variant_id, user, quantity, mode="sub")
+                self._take_back(user, guess)
                 raise
             if info.product_status != "active":
                 self.engine.reserve(variant_id, user, quantity, mode="sub")
+                self._take_back(user, guess)
                 _require_active(info)
-        return reservation, info, version, raw_cart
+        stands = (guess is not None and wrote == [1] and version == cached_version
+                  and (reservation.gen, reservation.quantity, reservation.expires_ms)
+                  == (guess.gen, guess.quantity, guess.expires_ms))
+        return reservation, info, version, raw_cart, guess if stands else None
+
+    def _take_back(self, user: str, line: Line | None) -> None:
+        """Remove a line written ahead of a reserve that did not stand (only if it is still ours)."""
+        if line is None:
+            return
+        try:
+            self.engine.drop_cart_lines([(user, line.item_id, line.gen)])
+        except Exception:  # noqa: BLE001 - the store is failing: the line shows as expired
+            log.warning("could not take back the cart line %s written ahead of a refused add", line.item_id)
 
     def _check_then_reserve(self, variant_id: int, user: str, quantity: int, tier: str | None,
                             shown_price: Decimal | None, now: int):

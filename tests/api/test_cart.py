@@ -94,6 +94,58 @@ def test_insufficient_stock_is_refused_with_the_exact_message(client, container,
     assert counters(container, vid).reserved == 0
 
 
+def _commands(redis_client) -> dict[str, int]:
+    return {name[len("cmdstat_"):]: stats["calls"] for name, stats in redis_client.info("commandstats").items()}
+
+
+def test_a_new_line_goes_in_with_its_reserve_and_shows_what_the_hold_holds(client, container, sessions,
+                                                                            redis_client, seed_rules):
+    vid = make_variant(sessions, on_hand=20, base_price="500.00", price_adjustment="50.00")
+    assert add(client, "warm", vid, 1).status_code == 201  # the catalog cache is warm from here on
+    before = _commands(redis_client)
+    response = add(client, "fresh", vid, 5, user_tier="GOLD")
+    after = _commands(redis_client)
+    assert response.status_code == 201, response.get_json()
+    item = response.get_json()["item"]
+    assert (item["quantity"], item["unit_price"], item["status"]) == (5, "470.25", "held")
+    # one script call and the line's conditional write beside it (commandstats also counts the
+    # script's own commands, so only these two say something about the add itself)
+    assert after.get("hsetnx", 0) - before.get("hsetnx", 0) == 1
+    assert after.get("evalsha", 0) - before.get("evalsha", 0) == 1
+    hold = container.stock.holds([(vid, item["id"])])[0]
+    cart = client.get("/api/cart/fresh/").get_json()
+    assert cart["items"] == [item]
+    assert hold.quantity == 5 and cart["expires_at"] == item["reserved_until"]
+    assert counters(container, vid).reserved == 6
+
+
+def test_a_refused_add_of_a_new_line_leaves_no_line_behind(env, build_app):
+    env["MAX_UNITS_PER_CUSTOMER"] = "3"
+    client, container = build_app(env)
+    vid = make_variant(container.sessions, on_hand=5)
+    assert add(client, "warm", vid, 1).status_code == 201
+    over_limit = add(client, "greedy", vid, 4)
+    assert over_limit.get_json()["error"]["code"] == "limit_exceeded"
+    assert client.get("/api/cart/greedy/").get_json()["items"] == []
+    assert add(client, "late", vid, 3).status_code == 201  # 1 unit left
+    refused = add(client, "later", vid, 2)
+    assert refused.get_json()["error"]["code"] == "insufficient_stock"
+    assert client.get("/api/cart/later/").get_json()["items"] == []
+    live = assert_invariant(container, vid)
+    assert (live.available, live.reserved) == (1, 4)
+
+
+def test_a_rule_changed_between_adds_prices_the_new_line_anew(client, container, sessions):
+    vid = make_variant(sessions, on_hand=20, base_price="100.00")
+    assert add(client, "warm", vid, 1).get_json()["item"]["unit_price"] == "100.00"
+    rule = client.post("/api/pricing/rules/", json={"name": "Sale", "type": "BULK", "priority": 1,
+                                                    "percent": "20.00", "min_quantity": 1})
+    assert rule.status_code == 201, rule.get_json()
+    item = add(client, "next", vid, 1).get_json()["item"]
+    assert item["unit_price"] == "80.00"
+    assert client.get("/api/cart/next/").get_json()["items"] == [item]
+
+
 def test_an_inactive_product_cannot_be_added(client, container, sessions):
     vid = make_variant(sessions, on_hand=3, status="draft")
     response = add(client, 1, vid, 1)
