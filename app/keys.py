@@ -37,7 +37,12 @@ TIMER_PREFIX = f"{PREFIX}ht:"
 
 def hold_timer(variant_id: int, hold_id: str) -> str:
     """String with the hold's TTL; exists only to raise the keyspace `expired` event."""
-    return f"{TIMER_PREFIX}{variant_tag(variant_id)}:{hold_id}"
+    return hold_timer_prefix(variant_id) + hold_id
+
+
+def hold_timer_prefix(variant_id: int) -> str:
+    """What every timer key of a variant starts with (the hot path appends the hold id itself)."""
+    return f"{TIMER_PREFIX}{variant_tag(variant_id)}:"
 
 
 def parse_hold_timer(key: str) -> tuple[int, str] | None:

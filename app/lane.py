@@ -3,12 +3,13 @@
 redis-py's `Redis.execute_command` costs about 60 us of client CPU per call on top of the socket
 round trip (connection-pool checkout and release with a pid check each, the retry wrapper, the
 observability hooks, response callbacks); a pipeline costs more. Add-to-cart is one script call, so
-that overhead was most of the client's cost of a reservation (bench/README.md). A lane keeps the
-parts of redis-py that matter for correctness, its `Connection` (connect, AUTH and SELECT, TLS, the
-idle health check, timeouts, turning error replies into `ResponseError`s and socket faults into
-`ConnectionError` / `TimeoutError` with the connection dropped), and skips the rest: a command is
-packed into RESP once (a script call's fixed part, EVALSHA, the sha and the variant's keys, once per
-variant) and sent with one `sendall`, and its replies are read straight off the connection.
+that overhead was most of the client's cost of a reservation (bench/README.md). A lane keeps what
+matters for correctness from redis-py: its `Connection` connects (AUTH, SELECT, TLS, timeouts) and
+its error table turns error replies into the same `ResponseError` classes (NOSCRIPT is a
+`NoScriptError`). It skips the rest: a command is packed into RESP once (a script call's fixed part,
+EVALSHA, the sha and the variant's keys, once per variant), sent with one `sendall`, and its replies
+are read off the socket into a hiredis reader; a socket fault drops the connection and raises
+redis-py's `ConnectionError` or `TimeoutError`, and a connection that sat idle is checked first.
 
 Single-node Redis only: on a cluster the engine sends through redis-py's `RedisCluster`, which routes
 each call to the primary owning its slot.
@@ -20,6 +21,7 @@ next call connects again.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
@@ -27,7 +29,10 @@ import time
 import weakref
 from typing import Iterable, Sequence
 
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+import hiredis
+from redis._parsers import BaseParser
+from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, TimeoutError
 
 _lanes: "weakref.WeakSet[Lane]" = weakref.WeakSet()
 
@@ -55,13 +60,12 @@ def bulk(value) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
 
-def bulks(values: Iterable) -> bytes:
+def bulks(values: Sequence) -> bytes:
     """RESP bulk strings of str and int values, back to back (the hot path's packer)."""
-    out = []
-    for v in values:
-        raw = str(v).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
+    text = "".join([f"${len(s)}\r\n{s}\r\n" for s in map(str, values)])
+    if text.isascii():  # then every length counted in characters is one in bytes
+        return text.encode()
+    return b"".join(map(bulk, map(str, values)))
 
 
 def pack(*args) -> bytes:
@@ -89,36 +93,26 @@ def as_dict(reply) -> dict:
 IDLE_CHECK_SECONDS = 0.05
 
 
-def _alive(conn) -> bool:
-    """False when the server has closed the connection (or sent something nobody asked for)."""
-    sock = conn._sock
-    if sock.gettimeout() is not None:
-        try:  # redis-py's own check (its pool runs it on every checkout)
-            return not conn.can_read()
-        except (OSError, ConnectionError, TimeoutError):
-            return False
+def _alive(sock) -> bool:
+    """False when the server has closed the connection (or sent something nobody asked for): the
+    socket is readable while no reply is due."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
+        return not poller.poll(0)
     except OSError:
         return False
-    return False  # end of stream, or unread bytes: not a connection to send on
 
 
-def _kernel_timeouts(conn) -> None:
+def _kernel_timeouts(sock, timeout: float | None) -> None:
     """Let the kernel keep the socket's timeouts (SO_RCVTIMEO / SO_SNDTIMEO) instead of Python.
 
     A Python socket with a timeout polls before every send and every receive: four system calls per
     round trip where two do. A blocking socket with kernel timeouts makes one `sendto` and one
-    `recvfrom`; a receive that times out fails with EAGAIN, which redis-py turns into a
-    `ConnectionError` and drops the connection, as it does with its own timeout. TCP sockets only
-    (a unix socket or TLS keeps Python's timeouts)."""
-    sock = conn._sock
-    timeout = conn.socket_timeout
-    if not isinstance(sock, socket.socket) or type(sock) is not socket.socket or not timeout:
-        return
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    `recvfrom`; a receive that times out fails with EAGAIN, a `TimeoutError` here, and the connection
+    is dropped, as redis-py does on its own timeout. Plain TCP sockets only (TLS and unix sockets
+    keep Python's timeouts)."""
+    if type(sock) is not socket.socket or not timeout or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
@@ -126,49 +120,108 @@ def _kernel_timeouts(conn) -> None:
     sock.settimeout(None)
 
 
+class _Wire:
+    """One thread's connection: redis-py's `Connection` connects it (AUTH, SELECT, TLS); its socket
+    and a hiredis reader of our own carry the commands."""
+
+    __slots__ = ("conn", "sock", "reader", "buf", "used")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.sock = None
+        self.reader = None
+        self.buf = bytearray(65536)
+        self.used = 0.0
+
+    def connect(self) -> None:
+        conn = self.conn
+        conn.connect()
+        self.sock = conn._sock
+        _kernel_timeouts(self.sock, conn.socket_timeout)
+        options = {"protocolError": InvalidResponse, "replyError": BaseParser.parse_error,
+                   "errors": conn.encoder.encoding_errors}
+        if conn.encoder.decode_responses:
+            options["encoding"] = conn.encoder.encoding
+        self.reader = hiredis.Reader(**options)
+
+    def drop(self) -> None:
+        self.sock = self.reader = None
+        self.conn.disconnect()
+
+    def roundtrip(self, packed: bytes, count: int) -> list:
+        """Send, then read `count` replies (error replies are returned, not raised). A fault drops
+        the connection and raises redis-py's ConnectionError or TimeoutError."""
+        sock, reader, buf = self.sock, self.reader, self.buf
+        out = []
+        try:
+            sock.sendall(packed)
+            while len(out) < count:
+                reply = reader.gets()
+                while reply is False:
+                    n = sock.recv_into(buf)
+                    if not n:
+                        raise ConnectionError("Connection closed by server.")
+                    reader.feed(buf, 0, n)
+                    reply = reader.gets()
+                out.append(reply)
+        except (socket.timeout, BlockingIOError):
+            self.drop()
+            raise TimeoutError("Timeout talking to Redis") from None
+        except OSError as exc:
+            self.drop()
+            raise ConnectionError(f"Error talking to Redis: {exc}") from None
+        except BaseException:  # ConnectionError above, InvalidResponse, or an interrupt mid-reply
+            self.drop()
+            raise
+        return out
+
+
+def supports(redis) -> bool:
+    """A lane speaks over redis-py's own socket connections only (TCP, TLS, unix); a client with
+    another connection class (a cluster, a test double) keeps redis-py's usual path."""
+    pool = getattr(redis, "connection_pool", None)
+    return pool is not None and pool.connection_class in (Connection, SSLConnection, UnixDomainSocketConnection)
+
+
 class Lane:
-    """Per-thread connections from a redis-py client's pool settings (not from its pool)."""
+    """Per-thread connections from a redis-py client's pool settings (not from its pool), RESP2
+    (no push messages can come between replies)."""
 
     def __init__(self, redis):
-        pool = redis.connection_pool
-        self._make = lambda: pool.connection_class(**pool.connection_kwargs)
+        kwargs = {**redis.connection_pool.connection_kwargs, "protocol": 2}
+        kwargs.pop("maint_notifications_pool_handler", None)
+        kwargs.pop("maint_notifications_config", None)
+        connection_class = redis.connection_pool.connection_class
+        self._make = lambda: _Wire(connection_class(**kwargs))
         self._local = threading.local()
         _lanes.add(self)
 
-    def _conn(self):
+    def _wire(self) -> _Wire:
         local = self._local
-        conn = getattr(local, "conn", None)
+        wire = getattr(local, "wire", None)
         now = time.monotonic()
-        if conn is None:
-            conn = local.conn = self._make()
-        elif conn._sock is not None and now - local.used > IDLE_CHECK_SECONDS and not _alive(conn):
+        if wire is None:
+            wire = local.wire = self._make()
+        elif wire.sock is not None and now - wire.used > IDLE_CHECK_SECONDS and not _alive(wire.sock):
             # the server closed it while it sat idle (a restart, a failover, a client timeout):
             # nothing was sent on it, so connecting again is safe, as redis-py's pool does
-            conn.disconnect()
-        local.used = now
-        if conn._sock is None:  # first use, or dropped after a fault
-            conn.connect()
-            _kernel_timeouts(conn)
-        return conn
+            wire.drop()
+        wire.used = now
+        if wire.sock is None:  # first use, or dropped after a fault
+            wire.connect()
+        return wire
 
     def call(self, packed: bytes):
         """Send one packed command, return its reply; an error reply is raised."""
-        conn = self._conn()
-        conn.send_packed_command((packed,))
-        return conn.read_response()
+        (reply,) = self._wire().roundtrip(packed, 1)
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     def call_many(self, packed: bytes, count: int) -> list:
         """Send `count` packed commands in one write, return their replies in order; an error reply
         is returned in its place (as a `ResponseError`), so the others are still read."""
-        conn = self._conn()
-        conn.send_packed_command((packed,))
-        out = []
-        for _ in range(count):
-            try:
-                out.append(conn.read_response())
-            except ResponseError as e:
-                out.append(e)
-        return out
+        return self._wire().roundtrip(packed, count)
 
     def execute(self, commands: Iterable[Sequence]) -> list:
         """Plain commands (each a sequence of arguments) in one round trip; see `call_many`."""
@@ -177,7 +230,7 @@ class Lane:
 
     def close(self) -> None:
         """Disconnect this thread's connection (others are dropped with their threads)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            conn.disconnect()
+        wire = getattr(self._local, "wire", None)
+        if wire is not None:
+            self._local.wire = None
+            wire.drop()
