@@ -35,25 +35,20 @@ def customer_units(variant_id: int) -> str:
 TIMER_PREFIX = f"{PREFIX}ht:"
 
 
-def hold_timer(variant_id: int, hold_id: str) -> str:
-    """String with the hold's TTL; exists only to raise the keyspace `expired` event."""
-    return hold_timer_prefix(variant_id) + hold_id
+def variant_timer(variant_id: int) -> str:
+    """String whose TTL lapses at the variant's earliest hold expiry; it exists only to raise the
+    keyspace `expired` event, on which the listener sweeps the variant (one timer per variant with
+    holds, not one per hold: a key less to write per reservation, and few keys with a TTL, so Redis's
+    sampled expiry finds the lapsed ones quickly)."""
+    return f"{TIMER_PREFIX}{variant_tag(variant_id)}"
 
 
-def hold_timer_prefix(variant_id: int) -> str:
-    """What every timer key of a variant starts with (the hot path appends the hold id itself)."""
-    return f"{TIMER_PREFIX}{variant_tag(variant_id)}:"
-
-
-def parse_hold_timer(key: str) -> tuple[int, str] | None:
-    """(variant_id, hold_id) from a timer key name, or None if it is not one."""
-    if not key.startswith(TIMER_PREFIX + "{v"):
+def parse_variant_timer(key: str) -> int | None:
+    """The variant id of a timer key name, or None if it is not one."""
+    if not key.startswith(TIMER_PREFIX + "{v") or not key.endswith("}"):
         return None
-    rest = key[len(TIMER_PREFIX) + 2:]
-    vid, sep, hold_id = rest.partition("}:")
-    if not sep or not vid.isdigit() or not hold_id:
-        return None
-    return int(vid), hold_id
+    vid = key[len(TIMER_PREFIX) + 2:-1]
+    return int(vid) if vid.isdigit() and len(vid) <= 12 else None
 
 
 SLOTS = 16384

@@ -151,11 +151,10 @@ def unpack_hold(raw: str | None) -> HoldView | None:
 
 
 class _ReserveHead(NamedTuple):
-    """What a variant's reserve calls share, built once: the start of its hold ids and timer keys,
-    its fixed KEYS, and the packed head of the EVALSHA (app/lane.py)."""
+    """What a variant's reserve calls share, built once: the start of its hold ids, its KEYS, and
+    the packed head of the EVALSHA (app/lane.py)."""
 
     hold_prefix: str
-    timer_prefix: str
     keys: list
     packed: bytes
 
@@ -202,21 +201,19 @@ class StockEngine:
         self.scripts.load_all()
 
     @staticmethod
-    def _variant_keys(variant_id: int, hold_id: str | None = None) -> list[str]:
-        ks = [keys.stock(variant_id), keys.holds(variant_id), keys.hold_expiry(variant_id),
-              keys.customer_units(variant_id)]
-        if hold_id is not None:
-            ks.append(keys.hold_timer(variant_id, hold_id))
-        return ks
+    def _variant_keys(variant_id: int) -> list[str]:
+        """A variant's stock, holds, expiry and customer keys: the KEYS of the hold scripts."""
+        return [keys.stock(variant_id), keys.holds(variant_id), keys.hold_expiry(variant_id),
+                keys.customer_units(variant_id)]
 
     def _indexed_keys(self, variant_id: int) -> list[str]:
-        """A variant's stock, holds, expiry and customer keys and its slot's sweep index: the KEYS
-        of the sweep and reconcile scripts. Built once per variant (reserve uses them on every call)."""
+        """The variant's keys, its slot's sweep index and its timer: the KEYS of the reserve, sweep
+        and reconcile scripts. Built once per variant (reserve uses them on every call)."""
         cached = self._key_cache.get(variant_id)
         if cached is None:
             if len(self._key_cache) > 100_000:
                 self._key_cache.clear()
-            cached = (*self._variant_keys(variant_id), keys.sweep_index(variant_id))
+            cached = (*self._variant_keys(variant_id), keys.sweep_index(variant_id), keys.variant_timer(variant_id))
             self._key_cache[variant_id] = cached
         return list(cached)
 
@@ -337,14 +334,10 @@ class StockEngine:
 
     def forget(self, variant_id: int) -> None:
         """Drop a deleted variant's counters and holds from Redis."""
-        self._run([self._cmd("delete", *self._variant_keys(variant_id)),
+        self._run([self._cmd("delete", *self._variant_keys(variant_id), keys.variant_timer(variant_id)),
                    self._cmd("zrem", keys.sweep_index(variant_id), str(variant_id))])
 
     # -- holds ------------------------------------------------------------------------------------
-
-    def reserve_keys(self, variant_id: int, hold_id: str) -> list[str]:
-        """The KEYS of reserveHold: the variant's fixed keys, then the hold's timer key."""
-        return [*self._indexed_keys(variant_id), keys.hold_timer(variant_id, hold_id)]
 
     def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
                 now: int | None = None, ttl_ms: int | None = None, limit: int | None = None,
@@ -364,8 +357,8 @@ class StockEngine:
         limit = self.settings.max_units_per_customer if limit is None else limit
         head = self._reserve_heads.get(variant_id) or self._reserve_head(variant_id)
         hold_id = f"{head.hold_prefix}{user_id}"
-        # the call's changing part: the timer key (the last KEY) and the arguments
-        tail = (head.timer_prefix + hold_id, hold_id, quantity, now, ttl, user_id, mode, limit, gen or new_gen())
+        # the call's changing part: its arguments (every KEY is the variant's own, packed once)
+        tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or new_gen())
         replies: tuple = ()
         for _ in range(2):
             res, more = self._reserve_call(head, tail, also)
@@ -398,17 +391,16 @@ class StockEngine:
             self._reserve_heads.clear()
         fixed = self._indexed_keys(variant_id)
         head = self._reserve_heads[variant_id] = _ReserveHead(
-            hold_id_for(variant_id, ""), keys.hold_timer_prefix(variant_id), fixed,
-            lane.script_prefix(self._sha["reserveHold"], 6, fixed, 6 + 8))
+            hold_id_for(variant_id, ""), fixed, lane.script_prefix(self._sha["reserveHold"], 6, fixed, 6 + 8))
         return head
 
     def _reserve_call(self, head: "_ReserveHead", tail: tuple, also: Sequence[tuple]) -> tuple[list, tuple]:
         """One reserveHold call with the `also` commands beside it, in one round trip."""
         if self.lane is None:
-            ks = [*head.keys, tail[0]]
+            ks = list(head.keys)
             if not also:
-                return self._eval("reserveHold", ks, list(tail[1:])), ()
-            res, *more = self._run([("script", "reserveHold", ks, list(tail[1:])),
+                return self._eval("reserveHold", ks, list(tail)), ()
+            res, *more = self._run([("script", "reserveHold", ks, list(tail)),
                                     *(("raw", c) for c in also)])
             return res, tuple(more)
         packed = head.packed + lane.bulks(tail)
@@ -468,7 +460,7 @@ class StockEngine:
 
     def _release(self, holds: Sequence[tuple[int, str]], mode: str, gen: str, now: int | None) -> list:
         now = clock.now_ms() if now is None else now
-        calls = [("script", "releaseHold", self._variant_keys(vid, hid), [hid, now, mode, gen])
+        calls = [("script", "releaseHold", self._variant_keys(vid), [hid, now, mode, gen])
                  for vid, hid in holds]
         return self._run(calls) if calls else []
 
@@ -488,7 +480,7 @@ class StockEngine:
     def lock_many(self, holds: Sequence[tuple[int, str]], token: str, now: int | None = None) -> list[LockResult]:
         """Lock holds for a checkout in one round trip; lapsed ones are released and refused."""
         now = clock.now_ms() if now is None else now
-        calls = [("script", "lockHold", self._variant_keys(vid, hid), [hid, token, now]) for vid, hid in holds]
+        calls = [("script", "lockHold", self._variant_keys(vid), [hid, token, now]) for vid, hid in holds]
         out = []
         for (vid, hid), res in zip(holds, self._run(calls)):
             if res[0] == 1:
@@ -500,12 +492,12 @@ class StockEngine:
     def unlock_many(self, locks: Sequence[tuple[int, str, str]], now: int | None = None) -> list[int]:
         """Undo locks (variant_id, hold_id, gen): held again, or released if lapsed meanwhile."""
         now = clock.now_ms() if now is None else now
-        calls = [("script", "unlockHold", self._variant_keys(vid, hid), [hid, gen, now]) for vid, hid, gen in locks]
+        calls = [("script", "unlockHold", self._variant_keys(vid), [hid, gen, now]) for vid, hid, gen in locks]
         return [int(r[0]) for r in self._run(calls)] if calls else []
 
     def finalize_many(self, items: Sequence[Finalization]) -> list[int]:
         """Finalize locked holds whose order is committed (idempotent)."""
-        calls = [("script", "finalizeHold", self._variant_keys(f.variant_id, f.hold_id),
+        calls = [("script", "finalizeHold", self._variant_keys(f.variant_id),
                   [f.hold_id, f.gen, f.quantity, f.new_version, f.user, self.settings.max_units_per_customer])
                  for f in items]
         out = [int(r[0]) for r in self._run(calls)] if calls else []
@@ -567,6 +559,16 @@ class StockEngine:
             if not again:
                 break
             slots = sorted(again)
+        return report
+
+    def sweep_variants(self, variant_ids: Iterable[int], now: int | None = None,
+                       revisit_ms: int = 1000) -> SweepReport:
+        """Release the lapsed holds of these variants and re-arm their timers (the listener's path,
+        on the timers' expired events); idempotent."""
+        report = SweepReport()
+        ids = list(dict.fromkeys(int(v) for v in variant_ids))
+        if ids:
+            self._sweep_variants(ids, clock.now_ms() if now is None else now, revisit_ms, report)
         return report
 
     def _sweep_variants(self, variant_ids: list[int], now: int, revisit_ms: int, report: SweepReport) -> list:

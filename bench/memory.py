@@ -1,7 +1,7 @@
 """Memory benchmark: Redis bytes per live hold, its cart line included.
 
 N holds (100,000; QUICK 10,000) are made through the cart service (CartService.add: the hold, its
-timer key, the expiry index entry, the per-customer count and the cart line), one single-unit line
+variant's one timer key, the expiry index entry, the per-customer count and the cart line), one single-unit line
 for each of N customers, 1,000 per variant (100 variants; QUICK 10), from 4 processes. The number
 per variant matters: past 128 entries Redis keeps a variant's holds hash, expiry zset and customer
 hash as hash tables and skiplists instead of compact listpacks, about twice the bytes per entry.
@@ -16,7 +16,6 @@ from app import keys
 from app.composition import Container
 from app.services.cart import CartService
 from app.settings import load_settings
-from app.stock import hold_id_for
 from bench.clients import fork_all
 from bench.stores import Stores, seed_variants, sessions_for
 
@@ -61,7 +60,7 @@ def run(stores: Stores, *, holds: int, log=print) -> dict:
             return (redis.memory_usage(key, samples=0) or 0) / per  # None: the key is not there
 
         breakdown = {
-            "timer key": usage(keys.hold_timer(vid, hold_id_for(vid, "m0-0"))),
+            "timer key (one per variant)": usage(keys.variant_timer(vid), per_variant),
             "cart (one line)": usage(keys.cart("m0-0")),
             "holds hash entry": usage(keys.holds(vid), per_variant),
             "expiry zset entry": usage(keys.hold_expiry(vid), per_variant),

@@ -1,4 +1,7 @@
-"""The fast path of hold expiry: release holds as Redis announces their timer keys expired.
+"""The fast path of hold expiry: sweep a variant as Redis announces its timer key expired.
+
+Each variant with holds has one timer key, lapsing at its earliest hold expiry (app/keys.py,
+variant_timer); the sweep releases what has lapsed and re-arms the timer for the next expiry.
 
 Pub/sub is fire-and-forget, so after every (re)connect the listener runs one sweep for what it
 missed; the periodic sweeper remains the guarantee (DESIGN.md, Holds and their expiry).
@@ -7,7 +10,6 @@ subscribers only: the listener subscribes to every primary and follows topology 
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -81,7 +83,6 @@ class ExpiryListener:
         self.released_units = 0
         self.connected = threading.Event()
         self._lock = threading.Lock()
-        self._not_due: list[tuple[int, int, str]] = []  # heap of (expiry ms, variant id, hold id)
         self._subscribers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._up: set[str] = set()
 
@@ -200,36 +201,28 @@ class ExpiryListener:
     def _loop(self, pubsub, stop: threading.Event) -> None:
         while not stop.is_set() and not self.stop.is_set():
             message = pubsub.get_message(timeout=0.5)
-            batch = []
+            batch: list[int] = []
             while message is not None and len(batch) < BATCH:
                 if message.get("type") == "message":
-                    parsed = keys.parse_hold_timer(message["data"])
-                    if parsed:
-                        batch.append(parsed)
+                    vid = keys.parse_variant_timer(message["data"])
+                    if vid is not None:
+                        batch.append(vid)
                 message = pubsub.get_message(timeout=0) if len(batch) < BATCH else None
-            now = clock.now_ms()
-            with self._lock:
-                while self._not_due and self._not_due[0][0] <= now:
-                    _, vid, hid = heapq.heappop(self._not_due)
-                    batch.append((vid, hid))
             if batch:
-                self.handle(batch, now)
+                self.handle(batch)
 
-    def handle(self, batch: list[tuple[int, str]], now: int | None = None) -> int:
-        """Release the named holds; returns units released. Holds not yet due are retried at expiry."""
-        results = self.engine.release_lapsed(batch, now=now)
-        units = 0
-        for (vid, hid), (released, not_before) in zip(batch, results):
-            if released:
-                units += released
-                log.info("released hold %s of variant %s: %d unit(s) back", hid, vid, released)
-            elif not_before:
-                with self._lock:
-                    heapq.heappush(self._not_due, (not_before, vid, hid))
+    def handle(self, variant_ids: list[int], now: int | None = None) -> int:
+        """Sweep the variants whose timers lapsed; returns units released. A timer that fired a little
+        before this process's clock reached the expiry is re-armed by the sweep (at least 10 ms on),
+        so its hold is released on the next event."""
+        report = self.engine.sweep_variants(variant_ids, now=now)
+        if report.holds:
+            log.info("released %d lapsed hold(s) of %d variant(s): %d unit(s) back", report.holds,
+                     len(set(variant_ids)), report.units)
         with self._lock:
-            self.released_holds += sum(1 for released, _ in results if released)
-            self.released_units += units
-        return units
+            self.released_holds += report.holds
+            self.released_units += report.units
+        return report.units
 
 
 def run_forever(container: Container) -> None:

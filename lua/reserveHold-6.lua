@@ -10,8 +10,9 @@
   KEYS[4] cust:{v}    hash user -> units held plus ordered; kept only while a limit is set (ARGV[7] > 0),
                       so it costs no memory without one, and counts from the moment one is set
   KEYS[5] sweep:{<slot>} the sweep index of the variant's hash slot (variant id -> earliest expiry)
-  KEYS[6] ht:{v}:<id> timer key (TTL only, raises the `expired` event); last, as the only key that
-                      changes from call to call (the caller packs the fixed ones once per variant)
+  KEYS[6] ht:{v}      the variant's timer (TTL only): it lapses at the variant's earliest hold expiry
+                      and so raises the `expired` event the listener sweeps the variant on; armed
+                      here only when a hold expires before every other, re-armed by sweepHolds
   ARGV[1] hold id   ARGV[2] qty   ARGV[3] now_ms   ARGV[4] ttl_ms   ARGV[5] user
   ARGV[6] mode: "add" (hold qty += qty) | "set" (hold qty = qty; 0 removes the hold)
                | "sub" (hold qty -= qty, not below 0: undoes an "add" that must not stand)
@@ -93,16 +94,16 @@ end
 if target == 0 then
   redis.call("HDEL", holdsKey, holdId)
   redis.call("ZREM", expKey, holdId)
-  redis.call("DEL", timerKey)
   return {1, available, 0, 0, "", 0}
 end
 local gen = freshGen
 if h then gen = h.gen end
 redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
 redis.call("ZADD", expKey, exp, holdId)
-redis.call("SET", timerKey, "1", "PX", ttl)
 if earliest == 1 then
   -- the variant's id is the tag's number: v<id>
   redis.call("ZADD", indexKey, "LT", exp, string.match(stockKey, "{v(%d+)}"))
+  -- relative (PX, not PXAT): it lapses after the hold's time by this caller's clock, whatever Redis's says
+  redis.call("SET", timerKey, "1", "PX", ttl)
 end
 return {1, available, target, exp, gen, earliest}

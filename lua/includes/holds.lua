@@ -22,8 +22,8 @@ local function counter(stockKey, field)
 end
 
 -- Return one hold's units to stock and forget it (counters, index, per-customer count).
--- The caller has checked the hold may be released. The timer key is not touched here:
--- callers that know it pass it in KEYS and delete it themselves.
+-- The caller has checked the hold may be released. The variant's timer is left as it is: if it
+-- was armed for this hold, it lapses for nothing and the sweep it triggers re-arms it.
 local function dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
   redis.call("HDEL", holdsKey, holdId)
   redis.call("ZREM", expKey, holdId)

@@ -68,8 +68,7 @@ def test_variants_spread_over_all_three_primaries_and_each_is_served(cluster_con
     for v in ids:
         assert c.stock.reserve(v, "u1", 2).available == 8
         # every key of a variant, its slot's sweep index included, is on the variant's node
-        assert {owners[c.redis.keyslot(k)] for k in [*c.stock._variant_keys(v, f"{v}~u1"),
-                                                    keys.sweep_index(v)]} == {owners[keys.variant_slot(v)]}
+        assert {owners[c.redis.keyslot(k)] for k in c.stock._indexed_keys(v)} == {owners[keys.variant_slot(v)]}
     report = c.stock.sweep(now=clock.now_ms() + 10**7)
     assert (report.holds, report.units) == (12, 24)
     assert all(x.available == 10 and x.reserved == 0 for x in c.stock.counters(ids).values())

@@ -123,7 +123,7 @@ def test_the_listener_sweeps_what_lapsed_before_it_started(container, sessions, 
     vid = make_variant(sessions, on_hand=5)
     past = clock.now_ms() - 60_000
     r = engine.reserve(vid, "u1", 2, now=past, ttl_ms=1_000)
-    redis_client.delete(keys.hold_timer(vid, r.hold_id))  # its event was sent while nobody listened
+    redis_client.delete(keys.variant_timer(vid))  # its event was sent while nobody listened
     assert available(engine, vid) == 3
     start_listener()  # connected is set only after its catch-up sweep
     assert available(engine, vid) == 5
@@ -142,8 +142,8 @@ def test_the_listener_survives_its_connection_being_killed_and_loses_no_hold(
     # Holds whose events are lost for good: lapsed, timers gone without a word.
     past = clock.now_ms() - 60_000
     for i in range(4):
-        r = engine.reserve(quiet, f"lost-{i}", 1, now=past, ttl_ms=1_000)
-        redis_client.delete(keys.hold_timer(quiet, r.hold_id))
+        engine.reserve(quiet, f"lost-{i}", 1, now=past, ttl_ms=1_000)
+    redis_client.delete(keys.variant_timer(quiet))
     assert available(engine, quiet) == 6
 
     assert redis_client.client_kill_filter(_type="pubsub", _id=next(iter(mine))) == 1
@@ -201,7 +201,7 @@ def test_with_no_listener_running_the_sweeper_alone_releases_lapsed_holds(
     r = engine.reserve(vid, "u1", 2, ttl_ms=200)
     engine.reserve(vid, "u2", 1, ttl_ms=60_000)
     # Redis expires the timer and publishes to nobody: the hold stays until the sweeper comes.
-    wait_for(lambda: redis_client.exists(keys.hold_timer(vid, r.hold_id)) == 0, timeout=5,
+    wait_for(lambda: redis_client.exists(keys.variant_timer(vid)) == 0, timeout=5,
              message="the timer key to expire")
     wait_for(lambda: clock.now_ms() >= r.expires_ms, timeout=5, message="the hold's expiry time")
     assert available(engine, vid) == 2

@@ -53,13 +53,12 @@ def lock(engine, vid, user, token="tok-1", now=None):
 INDEXED = {"reserveHold", "sweepHolds", "reconcileStock"}  # these also keep the slot's sweep index
 
 
-def run(engine, name, vid, args, hold_id=None, n_keys=None):
-    ks = StockEngine._variant_keys(vid, hold_id)
-    ks = ks[:n_keys] if n_keys else ks
-    if name == "reserveHold":
-        ks = engine.reserve_keys(vid, hold_id)
-    elif name in INDEXED:
-        ks = ks + [keys.sweep_index(vid)]
+def run(engine, name, vid, args, n_keys=None):
+    if name in INDEXED:
+        ks = engine._indexed_keys(vid)
+    else:
+        ks = StockEngine._variant_keys(vid)
+        ks = ks[:n_keys] if n_keys else ks
     return engine.scripts[name](keys=ks, args=args)
 
 
@@ -72,7 +71,7 @@ def test_reserve_moves_units_from_available_into_one_hold(engine, vid, t0, redis
     h = hold(engine, vid, "u1")
     assert (h.quantity, h.expires_ms, h.state, h.user, h.gen) == (3, t0 + TTL, "held", "u1", r.gen)
     assert redis_client.zscore(keys.hold_expiry(vid), r.hold_id) == t0 + TTL
-    assert 0 < redis_client.pttl(keys.hold_timer(vid, r.hold_id)) <= TTL
+    assert 0 < redis_client.pttl(keys.variant_timer(vid)) <= TTL  # armed at the earliest hold's expiry
     # customers are counted only while a per-customer limit is set
     assert redis_client.hget(keys.customer_units(vid), "u1") is None
     engine.reserve(vid, "u9", 2, now=t0, ttl_ms=TTL, limit=5)
@@ -82,10 +81,10 @@ def test_reserve_moves_units_from_available_into_one_hold(engine, vid, t0, redis
 def test_reserve_script_answers_ok_with_available_hold_size_expiry_and_generation(engine, vid, t0):
     engine.counters([vid])
     hid = hold_id_for(vid, "u1")
-    res = run(engine, "reserveHold", vid, [hid, 4, t0, TTL, "u1", "add", 0, "g1"], hid)
+    res = run(engine, "reserveHold", vid, [hid, 4, t0, TTL, "u1", "add", 0, "g1"])
     assert res == [1, 6, 4, t0 + TTL, "g1", 1]  # 1: the variant's earliest expiry now
     other = hold_id_for(vid, "u2")
-    later = run(engine, "reserveHold", vid, [other, 1, t0 + 5, TTL, "u2", "add", 0, "g2"], other)
+    later = run(engine, "reserveHold", vid, [other, 1, t0 + 5, TTL, "u2", "add", 0, "g2"])
     assert later == [1, 5, 1, t0 + 5 + TTL, "g2", 0]  # expires after the first: no new earliest
 
 
@@ -121,9 +120,9 @@ def test_reserve_refuses_a_hold_that_a_checkout_has_locked(engine, vid, t0):
 
 def test_reserve_script_answers_counters_missing_and_creates_no_hold(engine, vid, t0, redis_client):
     hid = hold_id_for(vid, "u1")
-    res = run(engine, "reserveHold", vid, [hid, 1, t0, TTL, "u1", "add", 0, "g1"], hid)
+    res = run(engine, "reserveHold", vid, [hid, 1, t0, TTL, "u1", "add", 0, "g1"])
     assert res == [-1]
-    assert redis_client.exists(keys.stock(vid), keys.holds(vid), keys.hold_timer(vid, hid),
+    assert redis_client.exists(keys.stock(vid), keys.holds(vid), keys.variant_timer(vid),
                                keys.customer_units(vid)) == 0
 
 
@@ -166,7 +165,6 @@ def test_set_zero_removes_the_hold_and_every_trace_of_it(engine, vid, t0, redis_
     assert counts(engine, vid) == (10, 0)
     assert hold(engine, vid, "u1") is None
     assert redis_client.zscore(keys.hold_expiry(vid), r.hold_id) is None
-    assert redis_client.exists(keys.hold_timer(vid, r.hold_id)) == 0
     assert redis_client.hget(keys.customer_units(vid), "u1") is None
 
 
@@ -193,19 +191,18 @@ def test_release_gives_the_units_back_once_and_a_second_release_does_nothing(eng
     assert engine.release(vid, r.hold_id, now=t0) == 3
     assert engine.release(vid, r.hold_id, now=t0) == 0
     assert counts(engine, vid) == (10, 0)
-    assert redis_client.exists(keys.hold_timer(vid, r.hold_id)) == 0
     assert redis_client.zcard(keys.hold_expiry(vid)) == 0
 
 
 def test_release_script_answers_released_then_nothing(engine, vid, t0):
     r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
-    assert run(engine, "releaseHold", vid, [r.hold_id, t0, "any", ""], r.hold_id) == [1, 3]
-    assert run(engine, "releaseHold", vid, [r.hold_id, t0, "any", ""], r.hold_id) == [0, 0]
+    assert run(engine, "releaseHold", vid, [r.hold_id, t0, "any", ""]) == [1, 3]
+    assert run(engine, "releaseHold", vid, [r.hold_id, t0, "any", ""]) == [0, 0]
 
 
 def test_release_in_expired_mode_leaves_a_hold_that_is_not_yet_due(engine, vid, t0):
     r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
-    not_due = run(engine, "releaseHold", vid, [r.hold_id, t0 + 999, "expired", ""], r.hold_id)
+    not_due = run(engine, "releaseHold", vid, [r.hold_id, t0 + 999, "expired", ""])
     assert not_due == [-1, t0 + 1_000]
     assert engine.release(vid, r.hold_id, only_if_expired=True, now=t0 + 999) == 0
     assert engine.release_lapsed([(vid, r.hold_id)], now=t0 + 999) == [(0, t0 + 1_000)]
@@ -217,7 +214,7 @@ def test_release_in_expired_mode_leaves_a_hold_that_is_not_yet_due(engine, vid, 
 def test_release_leaves_a_locked_hold_alone(engine, vid, t0):
     r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
     assert lock(engine, vid, "u1", now=t0).ok
-    assert run(engine, "releaseHold", vid, [r.hold_id, t0 + 5_000, "expired", ""], r.hold_id) == [-2, 0]
+    assert run(engine, "releaseHold", vid, [r.hold_id, t0 + 5_000, "expired", ""]) == [-2, 0]
     assert engine.release(vid, r.hold_id, now=t0 + 5_000) == 0
     assert hold(engine, vid, "u1").state == "locked"
     assert counts(engine, vid) == (7, 3)
@@ -253,7 +250,6 @@ def test_lock_refuses_a_hold_past_its_expiry_though_no_release_ran_and_returns_i
     assert (res.ok, res.reason) == (False, "expired")
     assert hold(engine, vid, "u1") is None
     assert counts(engine, vid) == (10, 0)
-    assert redis_client.exists(keys.hold_timer(vid, r.hold_id)) == 0
     assert redis_client.hget(keys.customer_units(vid), "u1") is None
 
 
@@ -310,7 +306,6 @@ def test_finalize_takes_the_units_out_of_reserved_for_good_and_is_idempotent(eng
     c = engine.counters([vid])[vid]
     assert (c.available, c.reserved, c.version, c.active_holds) == (7, 0, 1, 0)
     assert redis_client.zcard(keys.hold_expiry(vid)) == 0
-    assert redis_client.exists(keys.hold_timer(vid, r.hold_id)) == 0
     assert redis_client.hget(keys.customer_units(vid), "u1") == "3"  # ordered units still count
 
 
@@ -404,6 +399,22 @@ def test_sweep_script_releases_at_most_its_limit_and_says_what_is_left(engine, v
     assert engine.redis.zscore(keys.sweep_index(vid), str(vid)) == t0 + TTL  # next expiry indexed
     assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100, vid, 1000], n_keys=4) == [0, 0, t0 + TTL, 1]
     assert counts(engine, vid) == (9, 1)
+
+
+def test_a_variants_one_timer_lapses_at_its_earliest_hold_and_the_sweep_rearms_it(engine, vid, t0,
+                                                                                  redis_client):
+    timer = keys.variant_timer(vid)
+    engine.reserve(vid, "first", 1, now=t0, ttl_ms=2_000)
+    assert 1_000 < redis_client.pttl(timer) <= 2_000
+    engine.reserve(vid, "later", 1, now=t0, ttl_ms=TTL)
+    assert redis_client.pttl(timer) <= 2_000  # a later hold does not move it
+    engine.reserve(vid, "sooner", 1, now=t0, ttl_ms=1_500)
+    assert redis_client.pttl(timer) <= 1_500  # an earlier one does
+    assert engine.sweep_variants([vid], now=t0 + 2_000).holds == 2
+    assert TTL - 2_500 < redis_client.pttl(timer) <= TTL - 2_000 + 100  # armed for "later" now
+    engine.release(vid, hold_id_for(vid, "later"), now=t0 + 2_000)
+    assert engine.sweep_variants([vid], now=t0 + 2_000).holds == 0
+    assert redis_client.exists(timer) == 0  # nothing held: no timer
 
 
 def test_sweep_releases_every_lapsed_hold_of_every_variant_and_nothing_that_is_not_due(engine, sessions, t0):
@@ -507,8 +518,7 @@ def test_reconcile_script_reports_stale_locks_and_changes_nothing(engine, vid, t
 
 def test_every_key_the_engine_builds_for_a_variant_carries_its_tag_and_one_slot():
     for vid in (1, 42, 2**31 - 1):
-        hid = hold_id_for(vid, "user-with-{braces}")
-        ks = StockEngine._variant_keys(vid, hid)
+        ks = [*StockEngine._variant_keys(vid), keys.variant_timer(vid)]
         assert len(ks) == 5 and len(set(ks)) == 5
         assert all(f"{{v{vid}}}" in k and k.index("{") == k.index(f"{{v{vid}}}") for k in ks)
         assert {key_slot(k.encode()) for k in ks} == {key_slot(f"{{v{vid}}}".encode())}

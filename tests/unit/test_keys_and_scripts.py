@@ -25,8 +25,8 @@ LUA_FILES = sorted(scripts.LUA_DIR.glob("*.lua"))
 def test_every_per_variant_key_carries_the_variant_hash_tag():
     for build in (keys.stock, keys.holds, keys.hold_expiry, keys.customer_units):
         assert build(42).endswith("{v42}")
-    assert keys.hold_timer(42, "42~u1") == "inv:ht:{v42}:42~u1"
-    same_variant = (keys.stock(42), keys.holds(42), keys.hold_timer(42, "x"))
+    assert keys.variant_timer(42) == "inv:ht:{v42}"
+    same_variant = (keys.stock(42), keys.holds(42), keys.variant_timer(42))
     assert len({key_slot(k.encode()) for k in same_variant}) == 1
 
 
@@ -40,22 +40,22 @@ def test_a_cart_key_carries_the_users_tag_not_a_variants():
     assert "{v" not in keys.cart("101")
 
 
-def test_a_timer_key_parses_back_to_its_variant_and_hold():
-    assert keys.parse_hold_timer(keys.hold_timer(7, "7~alice")) == (7, "7~alice")
-    assert keys.parse_hold_timer(keys.hold_timer(123456, "123456~a:b}c")) == (123456, "123456~a:b}c")
+def test_a_timer_key_parses_back_to_its_variant():
+    assert keys.parse_variant_timer(keys.variant_timer(7)) == 7
+    assert keys.parse_variant_timer(keys.variant_timer(123456)) == 123456
 
 
 @pytest.mark.parametrize("key", [
     "inv:stock:{v7}",           # not a timer
-    "inv:ht:{vx}:7~a",          # variant not a number
-    "inv:ht:{v7}",              # no hold id
-    "inv:ht:{v7}:",             # empty hold id
-    "inv:ht:{v7}x7~a",          # no separator
-    "other:ht:{v7}:7~a",        # another application's key
+    "inv:ht:{vx}",              # variant not a number
+    "inv:ht:{v}",               # no variant
+    "inv:ht:{v7}:7~a",          # the old per-hold form
+    "inv:ht:{v7",               # no closing brace
+    "other:ht:{v7}",            # another application's key
     "",
 ])
 def test_a_key_that_is_not_a_timer_parses_to_none(key):
-    assert keys.parse_hold_timer(key) is None
+    assert keys.parse_variant_timer(key) is None
 
 
 def test_a_hold_id_is_one_per_customer_and_variant_and_parses_back():
@@ -151,17 +151,20 @@ def test_the_engine_reloads_its_scripts_when_the_server_forgot_them(fake_engine)
     assert fake_engine.reserve(1, "bob", 1, now=1_000, ttl_ms=500).available == 8
 
 
-def test_the_listener_handler_releases_due_holds_and_retries_early_ones_at_their_expiry(fake_engine):
+def test_the_listener_handler_sweeps_the_variant_and_rearms_its_timer_for_the_next_hold(fake_engine):
     fake_engine.reserve(1, "alice", 3, now=1_000, ttl_ms=500)
     fake_engine.reserve(1, "bob", 2, now=1_000, ttl_ms=900)
+    timer = keys.variant_timer(1)
     container = type("C", (), {"stock": fake_engine, "redis": fake_engine.redis})()
     listener = ExpiryListener(container)
-    assert listener.handle([(1, "1~alice"), (1, "1~bob")], now=1_500) == 3
-    assert listener._not_due == [(1_900, 1, "1~bob")]  # the timer fired before this clock reached it
+    assert listener.handle([1, 1], now=1_500) == 3  # alice's hold lapsed, bob's not yet
     assert (listener.released_holds, listener.released_units) == (1, 3)
-    assert listener.handle([(1, "1~alice")], now=1_600) == 0  # a second event for it: nothing
-    assert listener.handle([(1, "1~bob")], now=1_900) == 2
+    assert fake_engine.redis.zscore(keys.sweep_index(1), "1") == 1_900
+    assert fake_engine.redis.exists(timer) == 1  # armed for bob's expiry
+    assert listener.handle([1], now=1_600) == 0  # an early or repeated event: nothing
+    assert listener.handle([1], now=1_900) == 2
     assert fake_engine.redis.hmget(keys.stock(1), "available", "reserved") == ["10", "0"]
+    assert fake_engine.redis.exists(timer) == 0  # no holds left: no timer
 
 
 def test_the_expired_channel_names_the_clients_database():

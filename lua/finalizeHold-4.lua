@@ -5,7 +5,7 @@
   when Redis has seen every database change but this one (version == new_version - 1) the units are
   taken from `available`; otherwise the version fence leaves it to the reconciler.
 
-  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] ht:{v}:<id>
+  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}
   ARGV[1] hold id   ARGV[2] gen   ARGV[3] qty   ARGV[4] new_version (the database's, after the order)
   ARGV[5] user   ARGV[6] per-customer limit (0 = none: customers are not counted)
 
@@ -13,7 +13,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stockKey, holdsKey, expKey, custKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local holdId, gen, qty, newVersion, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local limit = tonumber(ARGV[6] or "0")
 
@@ -21,7 +21,6 @@ local h = unpackHold(redis.call("HGET", holdsKey, holdId))
 if h and h.gen == gen then
   redis.call("HDEL", holdsKey, holdId)
   redis.call("ZREM", expKey, holdId)
-  redis.call("DEL", timerKey)
   if redis.call("EXISTS", stockKey) == 1 then
     redis.call("HINCRBY", stockKey, "reserved", -h.qty)
     redis.call("HINCRBY", stockKey, "version", 1)

@@ -1,7 +1,7 @@
 --[[
   Release one hold: its units go back to `available`. Idempotent: a second call does nothing.
 
-  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] ht:{v}:<id>
+  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}
   ARGV[1] hold id   ARGV[2] now_ms
   ARGV[3] mode: "expired" (only if its expiry time has passed: listener, sweeper) | "any" (the shopper removes it)
   ARGV[4] gen: only release the hold of this generation ("" = any generation)
@@ -14,7 +14,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stockKey, holdsKey, expKey, custKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local holdId, now, mode, gen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 local h = unpackHold(redis.call("HGET", holdsKey, holdId))
@@ -27,5 +27,4 @@ if gen ~= "" and h.gen ~= gen then return {0, 0} end
 if h.state == "l" then return {-2, 0} end
 if mode == "expired" and h.exp > now then return {-1, h.exp} end
 dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
-redis.call("DEL", timerKey)
 return {1, h.qty}

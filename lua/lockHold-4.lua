@@ -3,7 +3,7 @@
   A hold past its expiry time is dead even if no release ran yet: it is released here and refused.
   Idempotent for the same token.
 
-  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] ht:{v}:<id>
+  KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}
   ARGV[1] hold id   ARGV[2] checkout token   ARGV[3] now_ms
 
   Returns:
@@ -14,7 +14,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stockKey, holdsKey, expKey, custKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local holdId, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local h = unpackHold(redis.call("HGET", holdsKey, holdId))
@@ -25,7 +25,6 @@ if h.state == "l" then
 end
 if h.exp <= now then
   dropHold(stockKey, holdsKey, expKey, custKey, holdId, h)
-  redis.call("DEL", timerKey)
   return {-2}
 end
 h.state, h.token, h.lockms = "l", token, now

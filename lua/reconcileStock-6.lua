@@ -6,6 +6,7 @@
   half-way). A mismatch that has not moved for grace_ms is taken as a crash and repaired anyway.
 
   KEYS[1] stock:{v}  KEYS[2] holds:{v}  KEYS[3] hexp:{v}  KEYS[4] cust:{v}  KEYS[5] sweep:{<slot>}
+  KEYS[6] ht:{v} the variant's timer, armed at its indexed expiry (unless dry_run)
   ARGV[1] on_hand   ARGV[2] db_version   ARGV[3] now_ms   ARGV[4] grace_ms   ARGV[5] dry_run (0|1)
 
   Returns: {status, available, reserved, expected_available, expected_reserved, earliest_expiry,
@@ -17,7 +18,7 @@
 ]]
 --@include holds
 
-local stockKey, holdsKey, expKey, custKey, indexKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local stockKey, holdsKey, expKey, custKey, indexKey, timerKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local onHand, dbVersion, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local grace, dryRun = tonumber(ARGV[4]), ARGV[5] == "1"
 
@@ -39,9 +40,11 @@ if earliest >= 0 and not dryRun then
   -- the sweep index is a hint the reconciler keeps complete: a variant with holds is always in it
   local vid = string.match(stockKey, "{v(%d+)}")
   redis.call("ZADD", indexKey, "LT", earliest, vid)
+  local score = tonumber(redis.call("ZSCORE", indexKey, vid))
   if redis.call("EXISTS", stockKey) == 1 then
-    redis.call("HSET", stockKey, "idx_exp", redis.call("ZSCORE", indexKey, vid))
+    redis.call("HSET", stockKey, "idx_exp", score)
   end
+  redis.call("SET", timerKey, "1", "PX", math.max(score - now, 10))
 end
 if #stale > 0 then
   return {-3, counter(stockKey, "available"), counter(stockKey, "reserved"), expectedAvailable, reserved,
