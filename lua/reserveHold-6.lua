@@ -46,7 +46,22 @@ local function reread()
   available, reserved = tonumber(counts[1]), tonumber(counts[2] or "0")
 end
 
-local h = unpackHold(redis.call("HGET", holdsKey, holdId))
+-- A customer's first add of a variant (the flash-sale case) puts the new hold in place with HSETNX,
+-- so no read of a hold that is not there. Only once stock and the limit allow it, so every check
+-- still comes before the first write; where a hold already lives under the id, HSETNX writes
+-- nothing and that hold is read and handled below.
+local exp = now + ttl
+local created = false
+if mode == "add" and available >= qty then
+  local allowed = true
+  if limit > 0 then allowed = tonumber(redis.call("HGET", custKey, user) or "0") + qty <= limit end
+  if allowed then
+    created = redis.call("HSETNX", holdsKey, holdId,
+      packHold({qty = qty, exp = exp, state = "h", user = user, gen = freshGen})) == 1
+  end
+end
+local h = nil
+if not created then h = unpackHold(redis.call("HGET", holdsKey, holdId)) end
 if h and h.state == "l" then return {-4} end
 if h and h.exp <= now then
   -- this customer's own hold lapsed and no release ran yet: drop it, start afresh
@@ -73,7 +88,6 @@ if limit > 0 and need > 0 then
 end
 
 -- writes
-local exp = now + ttl
 local indexed = tonumber(counts[3] or "")
 local earliest = 0
 if target > 0 and (not indexed or exp < indexed) then earliest = 1 end
@@ -98,7 +112,9 @@ if target == 0 then
 end
 local gen = freshGen
 if h then gen = h.gen end
-redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
+if not created then
+  redis.call("HSET", holdsKey, holdId, packHold({qty = target, exp = exp, state = "h", user = user, gen = gen}))
+end
 redis.call("ZADD", expKey, exp, holdId)
 if earliest == 1 then
   -- the variant's id is the tag's number: v<id>
