@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +49,7 @@ def render_user(user: str) -> int | str:
     return user
 
 
+@lru_cache(maxsize=8192)  # a sale renders the same few prices and totals on every add
 def money(value: Decimal) -> str:
     return format(Decimal(value).quantize(CENTS), "f")
 
