@@ -180,6 +180,7 @@ class StockEngine:
         self.settings = settings
         self.scripts = Scripts(redis)
         self.ttl_ms = settings.hold_ttl_seconds * 1000
+        self.limit = settings.max_units_per_customer
         self.grace_ms = settings.checkout_grace_seconds * 1000
         self._key_cache: dict[int, tuple[str, ...]] = {}
         # the hot path's own connections (app/lane.py); a cluster client routes each call itself
@@ -354,37 +355,55 @@ class StockEngine:
         """
         now = clock.now_ms() if now is None else now
         ttl = self.ttl_ms if ttl_ms is None else ttl_ms
-        limit = self.settings.max_units_per_customer if limit is None else limit
+        limit = self.limit if limit is None else limit
         head = self._reserve_heads.get(variant_id) or self._reserve_head(variant_id)
         hold_id = f"{head.hold_prefix}{user_id}"
         # the call's changing part: its arguments (every KEY is the variant's own, packed once)
-        tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or new_gen())
-        replies: tuple = ()
-        for _ in range(2):
+        tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or "%08x" % _rng.getrandbits(32))
+        if self.lane is not None and not also:
+            # the flash-sale path, one frame down to the socket (see Lane.call)
+            try:
+                res = self.lane.call(head.packed + lane.bulks(tail))
+            except NoScriptError:  # not run: the server lost its script cache
+                self.scripts.load_all()
+                res = self.lane.call(head.packed + lane.bulks(tail))
+            replies: tuple = ()
+        else:
+            res, replies = self._reserve_call(head, tail, also)
+        if res[0] == 1 and not int(res[5]):
+            _RESERVED.inc()
+            return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
+        return self._reserved_or_raise(variant_id, head, tail, also, res, replies)
+
+    def _reserved_or_raise(self, variant_id: int, head: "_ReserveHead", tail: tuple, also: Sequence[tuple],
+                           res: list, replies: tuple) -> Reservation:
+        """Everything but the common reply: a new earliest expiry (its due hint), counters to
+        rebuild first (then one call again), and the refusals as domain errors."""
+        hold_id, quantity, limit = tail[0], tail[1], tail[6]
+        if res[0] == -1:
+            self.rebuild_from_db([variant_id])
             res, more = self._reserve_call(head, tail, also)
             replies = replies or more
-            code = res[0]
-            if code == 1:
-                _RESERVED.inc()
-                if int(res[5]):
-                    # this hold is its variant's earliest: tell the listener's fast path (a hint;
-                    # later holds of a busy variant expire after it and need no write)
-                    self._plain([("ZADD", keys.due_hint(variant_id), "LT", int(res[3]), str(variant_id))])
-                return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
-            if code == -1:
-                self.rebuild_from_db([variant_id])
-                continue
-            if code == -2:
-                REJECTIONS.labels("insufficient_stock").inc()
-                raise InsufficientStock(variant_id, int(res[1]), quantity)
-            if code == -3:
-                REJECTIONS.labels("limit_exceeded").inc()
-                raise LimitExceeded(variant_id, limit, int(res[1]), quantity)
-            if code == -4:
-                REJECTIONS.labels("checkout_in_progress").inc()
-                raise CheckoutInProgress("This item is being checked out", {"variant_id": variant_id})
-            raise RuntimeError(f"reserveHold returned {res!r}")
-        raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
+            if res[0] == -1:
+                raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
+        code = res[0]
+        if code == 1:
+            _RESERVED.inc()
+            if int(res[5]):
+                # this hold is its variant's earliest: tell the listener's fast path (a hint;
+                # later holds of a busy variant expire after it and need no write)
+                self._plain([("ZADD", keys.due_hint(variant_id), "LT", int(res[3]), str(variant_id))])
+            return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
+        if code == -2:
+            REJECTIONS.labels("insufficient_stock").inc()
+            raise InsufficientStock(variant_id, int(res[1]), quantity)
+        if code == -3:
+            REJECTIONS.labels("limit_exceeded").inc()
+            raise LimitExceeded(variant_id, limit, int(res[1]), quantity)
+        if code == -4:
+            REJECTIONS.labels("checkout_in_progress").inc()
+            raise CheckoutInProgress("This item is being checked out", {"variant_id": variant_id})
+        raise RuntimeError(f"reserveHold returned {res!r}")
 
     def _reserve_head(self, variant_id: int) -> "_ReserveHead":
         if len(self._reserve_heads) > 100_000:
