@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 HOLD_SEP = "~"
 _RESERVED = HOLDS.labels("reserved")
+# The hot path counts through the child's value directly: one call instead of three per reserve
+# (prometheus_client's Counter.inc checks the amount and the metric's type, neither of which varies).
+_count_reserved = _RESERVED._value.inc
 SWEEP_SCRIPT_LIMIT = 1000
 
 
@@ -370,9 +373,10 @@ class StockEngine:
             replies: tuple = ()
         else:
             res, replies = self._reserve_call(head, tail, also)
-        if res[0] == 1 and not int(res[5]):
-            _RESERVED.inc()
-            return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
+        if res[0] == 1 and not res[5]:
+            _count_reserved(1)
+            # tuple.__new__: the named tuple without its Python-level __new__ (a frame per reserve)
+            return tuple.__new__(Reservation, (variant_id, hold_id, res[2], res[3], res[1], res[4], replies))
         return self._reserved_or_raise(variant_id, head, tail, also, res, replies)
 
     def _reserved_or_raise(self, variant_id: int, head: "_ReserveHead", tail: tuple, also: Sequence[tuple],
