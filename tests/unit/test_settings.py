@@ -69,3 +69,16 @@ def test_api_keys_map_each_key_to_its_role():
 def test_passwords_are_redacted_for_logs():
     assert redact_url("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
     assert "s3cret" not in redact_url("redis://:s3cret@r:6379/0")
+
+
+def test_each_web_worker_freezes_its_start_up_heap_out_of_the_collectors_way():
+    import gc
+
+    from app import gunicorn_conf
+
+    assert gc.get_freeze_count() == 0
+    try:
+        gunicorn_conf.post_worker_init(worker=None)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
