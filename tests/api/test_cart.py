@@ -123,9 +123,15 @@ def test_a_new_line_goes_in_with_its_reserve_and_shows_what_the_hold_holds(clien
     assert counters(container, vid).reserved == 6
 
 
-def test_a_refused_add_of_a_new_line_leaves_no_line_behind(env, build_app):
+@pytest.fixture
+def capped(env, build_app):
+    """(client, container) of an app with MAX_UNITS_PER_CUSTOMER=3."""
     env["MAX_UNITS_PER_CUSTOMER"] = "3"
-    client, container = build_app(env)
+    return build_app(env)
+
+
+def test_a_refused_add_of_a_new_line_leaves_no_line_behind(capped):
+    client, container = capped
     vid = make_variant(container.sessions, on_hand=5)
     assert add(client, "warm", vid, 1).status_code == 201
     over_limit = add(client, "greedy", vid, 4)
@@ -191,9 +197,8 @@ def test_malformed_json_is_bad_json(client):
     assert response.get_json()["error"]["code"] == "bad_json"
 
 
-def test_the_per_customer_limit_counts_held_and_ordered_units(env, build_app):
-    env["MAX_UNITS_PER_CUSTOMER"] = "3"
-    client, container = build_app(env)
+def test_the_per_customer_limit_counts_held_and_ordered_units(capped):
+    client, container = capped
     vid = make_variant(container.sessions, on_hand=20)
     assert add(client, "u1", vid, 2).status_code == 201
     response = add(client, "u1", vid, 2)
