@@ -19,7 +19,7 @@ from app.services.idempotency import run_once
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
 
 TIER_PATTERN = r"^[A-Za-z0-9_\-]{1,32}$"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # fullmatch, as the user id
 _SECURED = {"security": [{"bearer": []}],
             "parameters": [{"in": "header", "name": "Idempotency-Key", "required": False,
                             "schema": {"type": "string", "maxLength": 255},
@@ -99,7 +99,7 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _IDEMPOTENCY_KEY.match(key):
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise ValidationFailed("Request has invalid fields",
                                {"Idempotency-Key": ["1-255 printable characters without spaces."]})
     return key
@@ -130,7 +130,7 @@ def _plain_add(data) -> dict | None:
         if not 0 <= user < MAX_INT_USER:
             return None
         user = str(user)
-    elif type(user) is not str or not USER_ID_RE.match(user):
+    elif type(user) is not str or not USER_ID_RE.fullmatch(user):
         return None
     body = {"user_id": user, "variant_id": variant_id, "quantity": quantity}
     if "user_tier" in data:

@@ -23,7 +23,7 @@ from app.stock import hold_id_for, new_gen, parse_hold_id
 
 log = logging.getLogger(__name__)
 
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+USER_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # fullmatch: "$" would let a final "\n" through
 MAX_INT_USER = 10**18  # an integer user id is below this
 CENTS = Decimal("0.01")
 
@@ -36,7 +36,7 @@ def canonical_user(user_id: Any) -> str:
         if user_id < 0 or user_id >= MAX_INT_USER:
             raise ValidationFailed("Request has invalid fields", {"user_id": ["Not a valid user id."]})
         return str(user_id)
-    if isinstance(user_id, str) and USER_ID_RE.match(user_id):
+    if isinstance(user_id, str) and USER_ID_RE.fullmatch(user_id):
         return user_id
     raise ValidationFailed("Request has invalid fields",
                            {"user_id": ["An integer, or 1-64 characters of [A-Za-z0-9_.-]."]})
@@ -332,7 +332,7 @@ class CartService:
         if parsed is None:
             raise NotFound("cart item", item_id)
         variant_id, user = parsed
-        if not USER_ID_RE.match(user):
+        if not USER_ID_RE.fullmatch(user):
             raise NotFound("cart item", item_id)
         raw = self.redis.hget(keys.cart(user), item_id)
         if raw is None:
