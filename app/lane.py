@@ -80,10 +80,8 @@ def script_prefix(sha: str, numkeys: int, fixed: Sequence, total_args: int) -> b
             + b"".join(map(bulk, fixed)))
 
 
-def as_dict(reply) -> dict:
-    """A HGETALL reply as a dict: RESP3 sends a map, RESP2 a flat list of pairs."""
-    if isinstance(reply, dict):
-        return reply
+def as_dict(reply: list) -> dict:
+    """A HGETALL reply as a dict (a lane speaks RESP2: a flat list of field, value pairs)."""
     it = iter(reply)
     return dict(zip(it, it))
 

@@ -16,7 +16,6 @@ from redis.exceptions import NoScriptError, ResponseError
 from sqlalchemy import func, select
 
 from app import clock, keys, lane
-from app.lane import Lane
 from app.errors import Conflict, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
 from app.metrics import HOLDS, RECONCILE_DRIFT, REJECTIONS
 from app.scripts import Scripts
@@ -26,9 +25,6 @@ log = logging.getLogger(__name__)
 
 HOLD_SEP = "~"
 _RESERVED = HOLDS.labels("reserved")
-# The hot path counts through the child's value directly: one call instead of three per reserve
-# (prometheus_client's Counter.inc checks the amount and the metric's type, neither of which varies).
-_count_reserved = _RESERVED._value.inc
 SWEEP_SCRIPT_LIMIT = 1000
 
 
@@ -163,7 +159,7 @@ class _ReserveHead(NamedTuple):
 
 
 def _raw_replies(commands: Sequence[tuple], replies: list) -> list:
-    """Replies read off a lane: an error reply is raised, HGETALL's map is a dict."""
+    """Replies read off a lane: an error reply is raised, HGETALL's flat list is a dict."""
     out = []
     for cmd, reply in zip(commands, replies):
         if isinstance(reply, ResponseError):
@@ -183,11 +179,10 @@ class StockEngine:
         self.settings = settings
         self.scripts = Scripts(redis)
         self.ttl_ms = settings.hold_ttl_seconds * 1000
-        self.limit = settings.max_units_per_customer
         self.grace_ms = settings.checkout_grace_seconds * 1000
         self._key_cache: dict[int, tuple[str, ...]] = {}
         # the hot path's own connections (app/lane.py); a cluster client routes each call itself
-        self.lane = Lane(redis) if lane.supports(redis) else None
+        self.lane = lane.Lane(redis) if lane.supports(redis) else None
         self._reserve_heads: dict[int, _ReserveHead] = {}
         self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",
                      "finalizeHold", "unlockHold", "adjustStock", "initStock", "sweepHolds", "reconcileStock",
@@ -358,23 +353,17 @@ class StockEngine:
         """
         now = clock.now_ms() if now is None else now
         ttl = self.ttl_ms if ttl_ms is None else ttl_ms
-        limit = self.limit if limit is None else limit
+        limit = self.settings.max_units_per_customer if limit is None else limit
         head = self._reserve_heads.get(variant_id) or self._reserve_head(variant_id)
         hold_id = f"{head.hold_prefix}{user_id}"
         # the call's changing part: its arguments (every KEY is the variant's own, packed once)
         tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or "%08x" % _rng.getrandbits(32))
         if self.lane is not None and not also:
-            # the flash-sale path, one frame down to the socket (see Lane.call)
-            try:
-                res = self.lane.call(head.packed + lane.bulks(tail))
-            except NoScriptError:  # not run: the server lost its script cache
-                self.scripts.load_all()
-                res = self.lane.call(head.packed + lane.bulks(tail))
-            replies: tuple = ()
+            res, replies = self._lane_eval(head.packed + lane.bulks(tail)), ()  # the flash-sale path
         else:
             res, replies = self._reserve_call(head, tail, also)
         if res[0] == 1 and not res[5]:
-            _count_reserved(1)
+            _RESERVED.inc()
             # tuple.__new__: the named tuple without its Python-level __new__ (a frame per reserve)
             return tuple.__new__(Reservation, (variant_id, hold_id, res[2], res[3], res[1], res[4], replies))
         return self._reserved_or_raise(variant_id, head, tail, also, res, replies)
@@ -397,7 +386,7 @@ class StockEngine:
                 # this hold is its variant's earliest: tell the listener's fast path (a hint;
                 # later holds of a busy variant expire after it and need no write)
                 self._plain([("ZADD", keys.due_hint(variant_id), "LT", int(res[3]), str(variant_id))])
-            return Reservation(variant_id, hold_id, int(res[2]), int(res[3]), int(res[1]), res[4], replies)
+            return Reservation(variant_id, hold_id, res[2], res[3], res[1], res[4], replies)
         if code == -2:
             REJECTIONS.labels("insufficient_stock").inc()
             raise InsufficientStock(variant_id, int(res[1]), quantity)
@@ -428,17 +417,22 @@ class StockEngine:
             return res, tuple(more)
         packed = head.packed + lane.bulks(tail)
         if not also:
-            try:
-                return self.lane.call(packed), ()
-            except NoScriptError:  # not run: the server lost its script cache
-                self.scripts.load_all()
-                return self.lane.call(packed), ()
+            return self._lane_eval(packed), ()
         packed += b"".join(lane.pack(*c) for c in also)
         results = self.lane.call_many(packed, 1 + len(also))
         if isinstance(results[0], NoScriptError):
             self.scripts.load_all()
             results = self.lane.call_many(packed, 1 + len(also))
         return results[0], tuple(_raw_replies(also, results[1:]))
+
+    def _lane_eval(self, packed: bytes):
+        """One packed EVALSHA through the lane; a script missing from the server's cache (restart,
+        failover, SCRIPT FLUSH) is loaded and the call sent again: NOSCRIPT means it did not run."""
+        try:
+            return self.lane.call(packed)
+        except NoScriptError:
+            self.scripts.load_all()
+            return self.lane.call(packed)
 
     def _plain(self, commands: Sequence[tuple]) -> list:
         """Plain commands as Redis takes them, e.g. ("HGET", key, field), in one round trip; HGETALL

@@ -82,7 +82,7 @@ if need > 0 and available < need then
   if reclaimLapsed(stockKey, holdsKey, expKey, custKey, now, 50) > 0 then reread() end
   if available < need then return {-2, available} end
 end
-if limit > 0 and need > 0 then
+if limit > 0 and need > 0 and not created then  -- a created hold passed this check above
   local already = tonumber(redis.call("HGET", custKey, user) or "0")
   if already + need > limit then return {-3, already} end
 end

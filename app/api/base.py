@@ -8,7 +8,7 @@ from typing import Any
 import flask_smorest
 import marshmallow as ma
 from flask import current_app
-from flask.json.provider import _default as _flask_json_default
+from flask.json.provider import DefaultJSONProvider
 from marshmallow import fields, validate
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -185,7 +185,7 @@ def list_schema(item_schema: type[ma.Schema], name: str) -> type[ma.Schema]:
 
 # What jsonify writes outside debug mode (compact, ASCII, keys in the order built, the same
 # fallbacks for dates, decimals and dataclasses), with one encoder built once instead of per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_flask_json_default)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=DefaultJSONProvider.default)
 
 
 def reply(status: int, body: dict):

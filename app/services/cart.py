@@ -234,11 +234,9 @@ class CartService:
         try:
             reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
                                               gen=guess.gen if guess else None, also=also)
-        except InsufficientStock:
-            _SHORT_UNTIL[variant_id] = time.monotonic() + _SHORT_SECONDS
-            self._take_back(user, guess)
-            raise
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, InsufficientStock):
+                _SHORT_UNTIL[variant_id] = time.monotonic() + _SHORT_SECONDS
             self._take_back(user, guess)
             raise
         raw_version, raw_cart, *wrote = reservation.also
