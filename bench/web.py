@@ -33,7 +33,7 @@ from app.embedded import free_port
 from app.settings import ROOT
 from app.stock import unpack_hold
 from app import keys
-from bench.clients import cpu_snapshot, cpu_use, run_clients
+from bench.clients import cpu_snapshot, cpu_use, lower_priority, run_clients
 from bench.stores import Stores, seed_rules, seed_variants, sessions_for
 
 CONNECTIONS = 64
@@ -194,7 +194,9 @@ def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str]) -
         "--",
         *args,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=lower_priority
+    )
     match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.MULTILINE)
     if not match:
         raise RuntimeError(
