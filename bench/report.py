@@ -318,7 +318,12 @@ def table(results: dict) -> str:
         lines.append(
             f"HTTP: gunicorn (app/gunicorn_conf.py, {web['workers']} sync workers, "
             f"APP_ENV={web['app_env']}), "
-            f"{web['connections']} connections, {web['seconds']:g} s, load generator {web['tool']}"
+            f"{web['connections']} connections, load generator {web['tool']}, "
+            + (
+                f"the median of {web['rounds']} interleaved rounds of {web['seconds'] / web['rounds']:g} s"
+                if web.get("rounds", 1) > 1
+                else f"{web['seconds']:g} s"
+            )
         )
         lines.append(f"{'endpoint':<30}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs healthz':>12}   other")
         names = {
@@ -335,6 +340,13 @@ def table(results: dict) -> str:
                 f"socket errors: {r['socket_errors']}"
                 + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
             )
+        if web.get("rounds", 1) > 1:
+            for key, label in names.items():
+                r = web[key]
+                lines.append(
+                    f"  by round, {label}: "
+                    + ", ".join(f"{n:,.0f}/s p99 {p:.0f} ms" for n, p in zip(r["per_second_by_round"], r["p99_ms_by_round"]))
+                )
     exp = results.get("expiry")
     if exp:
         lines.append("")

@@ -29,6 +29,7 @@ class Config:
     engine_rounds: int
     http_seconds: float
     http_warmup_seconds: float
+    http_rounds: int
     lag_holds: int
     other_live_holds: int
     sweep_interval: int
@@ -45,8 +46,10 @@ FULL = Config(
     # percent from one second to the next, and the median of five stands still better than of three
     engine_seconds=5.0,
     engine_rounds=5,
+    # five interleaved rounds of 2 s (the median round stands), as for the engine
     http_seconds=10,
     http_warmup_seconds=2,
+    http_rounds=5,
     lag_holds=200,
     other_live_holds=2000,
     sweep_interval=30,
@@ -58,6 +61,7 @@ QUICK = Config(
     engine_rounds=1,
     http_seconds=3,
     http_warmup_seconds=1,
+    http_rounds=1,
     lag_holds=60,
     other_live_holds=500,
     sweep_interval=5,
@@ -94,7 +98,7 @@ RUNNERS = {
     "cluster": lambda s, c: cluster.run(
         s, seconds=c.engine_seconds, rounds=c.engine_rounds, processes=c.cluster_processes
     ),
-    "http": lambda s, c: web.run(s, seconds=c.http_seconds, warmup_seconds=c.http_warmup_seconds),
+    "http": lambda s, c: web.run(s, seconds=c.http_seconds, warmup_seconds=c.http_warmup_seconds, rounds=c.http_rounds),
     "expiry": lambda s, c: expiry.run(
         s, lag_holds=c.lag_holds, other_live=c.other_live_holds, sweep_interval=c.sweep_interval
     ),
