@@ -100,7 +100,7 @@ def parse_api_keys(raw: str) -> dict[str, str]:
         role, key = role.strip(), key.strip()
         if not sep or role not in ROLES:
             raise SettingsError(f"API_KEYS entries must look like admin:<key> or storefront:<key>, got role {role!r}")
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise SettingsError("API_KEYS: each key must be 8-256 characters of [A-Za-z0-9_-.~+/=]")
         if key in keys and keys[key] != role:
             raise SettingsError("API_KEYS: the same key is given two roles")

@@ -107,6 +107,16 @@ class Blueprint(flask_smorest.Blueprint):
 
 # --- shared fields --------------------------------------------------------------------------
 
+class WholeMatch(validate.Regexp):
+    """validate.Regexp against the whole value: `re.match` with a pattern ending in `$` lets a final
+    newline through ("GOLD\n"). The pattern is still published in the OpenAPI document as it is."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ma.ValidationError(self._format_error(value))
+        return value
+
+
 def Id(**kw) -> fields.Integer:
     """A catalog or order id: a strict JSON integer in range."""
     return fields.Integer(strict=True, validate=validate.Range(1, MAX_ID), **kw)

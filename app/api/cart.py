@@ -8,7 +8,7 @@ from flask import request
 from marshmallow import fields, validate
 from webargs import core
 
-from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, decode_json, flatten_messages,
+from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, WholeMatch, decode_json, flatten_messages,
                           reply, require_clean_text)
 from app.api.context import container
 from app.errors import ValidationFailed
@@ -43,7 +43,7 @@ class AddSchema(ma.Schema):
     user_id = UserIdField(required=True, metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
     variant_id = Id(required=True)
     quantity = Quantity(required=True)
-    user_tier = fields.String(validate=validate.Regexp(TIER_PATTERN), allow_none=True)
+    user_tier = fields.String(validate=WholeMatch(TIER_PATTERN), allow_none=True)
     price = Money(allow_none=True)
 
 
@@ -135,7 +135,7 @@ def _plain_add(data) -> dict | None:
     body = {"user_id": user, "variant_id": variant_id, "quantity": quantity}
     if "user_tier" in data:
         tier = data["user_tier"]
-        if tier is not None and (type(tier) is not str or not _TIER.match(tier)):
+        if tier is not None and (type(tier) is not str or not _TIER.fullmatch(tier)):
             return None
         body["user_tier"] = tier
     if "price" in data:

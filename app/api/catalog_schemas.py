@@ -10,7 +10,7 @@ from decimal import Decimal
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.api.base import MAX_ID, MAX_MONEY, Id, Money, PageArgs, Timestamp, list_schema
+from app.api.base import MAX_ID, MAX_MONEY, Id, Money, PageArgs, Timestamp, WholeMatch, list_schema
 
 PRODUCT_STATUSES = ("active", "draft", "archived")
 SKU_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
@@ -34,11 +34,6 @@ def _not_below_negative_max_money(value: Decimal) -> None:
     # A plain function rather than validate.Range: a Decimal bound would render as a string in the spec.
     if value < -Decimal(MAX_MONEY):
         raise ma.ValidationError(f"Must be at least -{MAX_MONEY}.")
-
-
-def _no_trailing_newline(value: str) -> None:
-    if value.endswith("\n"):
-        raise ma.ValidationError(SKU_ERROR)
 
 
 def Name(**kw) -> fields.String:
@@ -102,10 +97,7 @@ class VariantSchema(ma.Schema):
 
     id = Id(dump_only=True)
     product_id = Id(required=True)
-    sku = fields.String(required=True, validate=[
-        validate.Regexp(SKU_PATTERN, error=SKU_ERROR),
-        _no_trailing_newline,  # Python's `$` would let one through
-    ])
+    sku = fields.String(required=True, validate=WholeMatch(SKU_PATTERN, error=SKU_ERROR))
     attributes = Attributes(load_default=dict, metadata={
         "description": f"String keys to scalar values (string, number, boolean, null); "
                        f"at most {MAX_ATTRIBUTES}."})

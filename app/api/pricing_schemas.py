@@ -8,7 +8,7 @@ from decimal import Decimal
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.api.base import MAX_ID, MAX_QUANTITY, Id, Money, Timestamp, list_schema
+from app.api.base import MAX_ID, MAX_QUANTITY, Id, Money, Timestamp, WholeMatch, list_schema
 from app.pricing import RULE_TYPES, STACKINGS
 
 TIER_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -69,7 +69,7 @@ class Tier(fields.String):
     """A customer tier: 1-32 characters of [A-Za-z0-9_-], stored and compared upper-case."""
 
     def __init__(self, **kw):
-        super().__init__(validate=validate.Regexp(TIER_PATTERN, error=TIER_MESSAGE), **kw)
+        super().__init__(validate=WholeMatch(TIER_PATTERN, error=TIER_MESSAGE), **kw)
 
     def _deserialize(self, value, attr, data, **kwargs):
         return super()._deserialize(value, attr, data, **kwargs).upper()

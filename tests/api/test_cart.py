@@ -178,6 +178,7 @@ def test_an_unknown_variant_is_not_found(client):
     ({"user_id": "bad id!", "variant_id": 1, "quantity": 1}, "user_id"),
     ({"user_id": "x" * 65, "variant_id": 1, "quantity": 1}, "user_id"),
     ({"user_id": "u1\n", "variant_id": 1, "quantity": 1}, "user_id"),
+    ({"user_id": 1, "variant_id": 1, "quantity": 1, "user_tier": "GOLD\n"}, "user_tier"),
     ({"user_id": 1, "variant_id": 1, "quantity": 1, "extra": True}, "extra"),
     ({"user_id": 1, "variant_id": 1, "quantity": 10**12}, "quantity"),
 ])

@@ -30,6 +30,7 @@ EDGES = [
     {"user_id": "u", "variant_id": 1, "quantity": 1, "user_tier": "G OLD"},
     {"user_id": "u", "variant_id": 1, "quantity": 1, "user_tier": 5},
     {"user_id": "u", "variant_id": 1, "quantity": 1, "user_tier": "x" * 33},
+    {"user_id": "u", "variant_id": 1, "quantity": 1, "user_tier": "GOLD\n"},
     {"user_id": "u", "variant_id": 1, "quantity": 1, "price": "550.00"},
     {"user_id": "u", "variant_id": 1, "quantity": 1, "extra": 1},
     {"user_id": "u\x00", "variant_id": 1, "quantity": 1},
