@@ -11,6 +11,7 @@ from webargs import core
 from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, WholeMatch, decode_json, flatten_messages,
                           reply, require_clean_text)
 from app.api.context import container
+from app.api.pricing_schemas import TIER_MESSAGE, TIER_PATTERN
 from app.errors import ValidationFailed
 from app.services import checkout as checkout_service
 from app.services.cart import MAX_INT_USER, USER_ID_RE, CartService, canonical_user
@@ -18,7 +19,6 @@ from app.services.idempotency import run_once
 
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
 
-TIER_PATTERN = r"^[A-Za-z0-9_\-]{1,32}$"
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # fullmatch, as the user id
 _SECURED = {"security": [{"bearer": []}],
             "parameters": [{"in": "header", "name": "Idempotency-Key", "required": False,
@@ -43,7 +43,7 @@ class AddSchema(ma.Schema):
     user_id = UserIdField(required=True, metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
     variant_id = Id(required=True)
     quantity = Quantity(required=True)
-    user_tier = fields.String(validate=WholeMatch(TIER_PATTERN), allow_none=True)
+    user_tier = fields.String(validate=WholeMatch(TIER_PATTERN, error=TIER_MESSAGE), allow_none=True)
     price = Money(allow_none=True)
 
 
@@ -112,7 +112,6 @@ def _idempotency_key() -> str | None:
 
 _ADD_SCHEMA = AddSchema()
 _ADD_FIELDS = frozenset(_ADD_SCHEMA.fields)
-_TIER = re.compile(TIER_PATTERN)
 
 
 def _plain_add(data) -> dict | None:
@@ -135,7 +134,7 @@ def _plain_add(data) -> dict | None:
     body = {"user_id": user, "variant_id": variant_id, "quantity": quantity}
     if "user_tier" in data:
         tier = data["user_tier"]
-        if tier is not None and (type(tier) is not str or not _TIER.fullmatch(tier)):
+        if tier is not None and (type(tier) is not str or not TIER_PATTERN.fullmatch(tier)):
             return None
         body["user_tier"] = tier
     if "price" in data:
