@@ -357,7 +357,7 @@ class StockEngine:
         head = self._reserve_heads.get(variant_id) or self._reserve_head(variant_id)
         hold_id = f"{head.hold_prefix}{user_id}"
         # the call's changing part: its arguments (every KEY is the variant's own, packed once)
-        tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or "%08x" % _rng.getrandbits(32))
+        tail = (hold_id, quantity, now, ttl, user_id, mode, limit, gen or new_gen())
         if self.lane is not None and not also:
             res, replies = self._lane_eval(head.packed + lane.bulks(tail)), ()  # the flash-sale path
         else:
