@@ -15,7 +15,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 from redis.exceptions import NoScriptError, ResponseError
 from sqlalchemy import func, select
 
-from app import clock, keys, lane
+from app import clock, keys
+from app.engine import lane
 from app.errors import Conflict, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
 from app.metrics import HOLDS, RECONCILE_DRIFT, REJECTIONS
 from app.scripts import Scripts
@@ -151,7 +152,7 @@ def unpack_hold(raw: str | None) -> HoldView | None:
 
 class _ReserveHead(NamedTuple):
     """What a variant's reserve calls share, built once: the start of its hold ids, its KEYS, and
-    the packed head of the EVALSHA (app/lane.py)."""
+    the packed head of the EVALSHA (app/engine/lane.py)."""
 
     hold_prefix: str
     keys: list
@@ -181,7 +182,7 @@ class StockEngine:
         self.ttl_ms = settings.hold_ttl_seconds * 1000
         self.grace_ms = settings.checkout_grace_seconds * 1000
         self._key_cache: dict[int, tuple[str, ...]] = {}
-        # the hot path's own connections (app/lane.py); a cluster client routes each call itself
+        # the hot path's own connections (app/engine/lane.py); a cluster client routes each call itself
         self.lane = lane.Lane(redis) if lane.supports(redis) else None
         self._reserve_heads: dict[int, _ReserveHead] = {}
         self._sha = {name: self.scripts[name].sha for name in ("reserveHold", "releaseHold", "lockHold",

@@ -1,7 +1,7 @@
 """Engine benchmark: reservations per second and p50/p99 latency, three ways, side by side.
 
 - engine:  the project's own API, `StockEngine.reserve` (lua/reserveHold-6.lua, one EVALSHA through
-           the engine's lane, app/lane.py), each client process with its own Container.
+           the engine's lane, app/engine/lane.py), each client process with its own Container.
 - lua:     a minimal one-script reserve on the same Redis (check available, decrement), through the
            same redis-py client settings (app.redis_client.make_redis).
 - rowlock: the classic approach on the same Postgres: BEGIN; SELECT ... FOR UPDATE; check; UPDATE;
