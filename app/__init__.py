@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
 def _enable_expiry_events(container: Container) -> None:
     """Turn on keyspace expiry events where the server allows CONFIG; never fail start-up over it
     (Redis may be down now and the listener retries; the sweeper is the guarantee)."""
-    from jobs.listener import ensure_expired_events
+    from app.engine.expiry import ensure_expired_events
 
     try:
         ensure_expired_events(container.redis)

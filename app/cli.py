@@ -87,7 +87,7 @@ def reconcile(dry_run: bool, variant_ids: tuple[int, ...]) -> None:
                 total = s.scalar(select(func.count()).select_from(Stock)) or 0
         with click.progressbar(length=total, label="reconciling", file=sys.stderr,
                                show_pos=True) as bar:
-            report = c.stock.reconcile(list(variant_ids) or None, dry_run=dry_run, progress=bar.update)
+            report = c.reconciler.reconcile(list(variant_ids) or None, dry_run=dry_run, progress=bar.update)
     if report.rows:
         click.echo(f"{'variant':>10}  {'field':<10} {'expected':>10} {'actual':>10}")
         for row in report.rows:
@@ -104,7 +104,7 @@ def sweep() -> None:
     """Release every hold whose time has passed."""
     c = _container()
     with _store_errors():
-        report = c.stock.sweep()
+        report = c.sweeper.sweep()
     click.echo(f"released {report.holds} hold(s), {report.units} unit(s) over {report.variants} variant(s)")
 
 
@@ -150,11 +150,9 @@ def seed() -> None:
 @click.argument("variant", type=int)
 def stock(variant: int) -> None:
     """Show one variant's on_hand, available, reserved and holds."""
-    from app.services.inventory import get_stock
-
     c = _container()
     with _store_errors():
-        row = get_stock(c, variant)
+        row = c.inventory.get_stock(variant)
     drift = row.on_hand - row.available - row.reserved
     click.echo(f"variant {row.variant_id} ({row.sku}): on_hand {row.on_hand}, available {row.available}, "
                f"reserved {row.reserved}, active holds {row.active_holds}"
@@ -185,7 +183,7 @@ def status() -> None:
         click.echo(f"database     DOWN ({type(exc).__name__})")
     try:
         c.redis.ping()
-        due = c.stock.variants_with_holds()
+        due = c.sweeper.variants_with_holds()
         from rq import Queue
 
         from jobs.scheduler import rq_connection

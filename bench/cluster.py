@@ -1,6 +1,6 @@
 """Cluster benchmark: the engine on one redis-server and on a 3-primary Redis Cluster, side by side.
 
-The same workload as the engine benchmark's *engine* approach (bench/engine.py): `StockEngine.reserve`
+The same workload as the engine benchmark's *engine* approach (bench/engine.py): `Holds.reserve`
 through a `Container` per client process, 1 unit for a new customer per call, the hot variant
 (10**9 units) and 1,000 variants picked at random (10**6 each). Two targets:
 
@@ -68,9 +68,9 @@ def _reset(container: Container, ports: list[int], variant_ids: list[int]) -> in
     """Empty the server(s), rebuild the counters from the database, load the scripts with one
     reservation from this process (so the forked clients find them cached); returns that 1 unit."""
     _flush(ports)
-    container.stock.counters(variant_ids)
-    container.stock.ensure_scripts_loaded()
-    container.stock.reserve(variant_ids[0], "parent-warmup", 1)
+    container.holds.counters(variant_ids)
+    container.runner.load_all()
+    container.holds.reserve(variant_ids[0], "parent-warmup", 1)
     return 1
 
 
@@ -93,7 +93,7 @@ def _cpu_per_call(container: Container, ports: list[int], variant_id: int, calls
     s0 = _server_cpu(ports)
     c0, t0 = time.process_time(), time.perf_counter()
     for i in range(calls):
-        container.stock.reserve(variant_id, f"cpu{tag}-{i}", 1)
+        container.holds.reserve(variant_id, f"cpu{tag}-{i}", 1)
     wall, client = time.perf_counter() - t0, time.process_time() - c0
     server = _server_cpu(ports) - s0
     return {
@@ -104,7 +104,7 @@ def _cpu_per_call(container: Container, ports: list[int], variant_id: int, calls
 
 
 def _touched(container: Container, variant_ids: list[int]) -> int:
-    return sum(1 for c in container.stock.counters(variant_ids).values() if c.reserved > 0)
+    return sum(1 for c in container.holds.counters(variant_ids).values() if c.reserved > 0)
 
 
 def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES, log=print) -> dict:

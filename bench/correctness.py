@@ -19,7 +19,7 @@ from app import keys
 from app.composition import Container
 from app.errors import InsufficientStock
 from app.settings import load_settings
-from app.stock import unpack_hold
+from app.engine.holdrec import unpack_hold
 from bench.clients import CTX, fork_all
 from bench.engine import MINIMAL_LUA, reset_rowlock, rowlock_reserve
 from bench.stores import lua_stock_key, naive_stock_key
@@ -104,12 +104,12 @@ def race_lua(redis_url: str, *, processes: int, attempts: int, stock: int) -> di
 
 
 def race_engine(env: dict, variant_id: int, *, processes: int, attempts: int, stock: int) -> dict:
-    """StockEngine.reserve, a new customer per attempt; the invariant checked afterwards."""
+    """Holds.reserve, a new customer per attempt; the invariant checked afterwards."""
     run = next(_run)
 
     def factory(index: int):
         container = Container(load_settings(env))
-        engine = container.stock
+        engine = container.holds
         seq = itertools.count()
 
         def sell() -> bool:
@@ -122,7 +122,7 @@ def race_engine(env: dict, variant_id: int, *, processes: int, attempts: int, st
         return sell, container.close
 
     out = _result(
-        "engine (StockEngine.reserve)", _race(factory, processes, attempts), stock, processes, attempts
+        "engine (Holds.reserve)", _race(factory, processes, attempts), stock, processes, attempts
     )
     container = Container(load_settings(env))
     try:
@@ -185,7 +185,7 @@ def check_invariant(container: Container, variant_id: int, expected_reserved: in
     reserved == sum of live holds; and, when given, reserved == the units the sellers were told they got."""
     from persistence.models import Stock
 
-    c = container.stock.counters([variant_id])[variant_id]
+    c = container.holds.counters([variant_id])[variant_id]
     with container.sessions() as s:
         on_hand = s.get(Stock, variant_id).on_hand
     held = [h for h in map(unpack_hold, container.redis.hvals(keys.holds(variant_id))) if h is not None]
@@ -224,7 +224,7 @@ def run_races(
     on_hand == stock in the database), and with Postgres the row lock and the naive SELECT+UPDATE."""
     container = Container(load_settings(env))
     try:
-        container.stock.counters([variant_id])
+        container.holds.counters([variant_id])
     finally:
         container.close()
     redis_url = env["REDIS_URL"]

@@ -1,6 +1,6 @@
 """Engine benchmark: reservations per second and p50/p99 latency, three ways, side by side.
 
-- engine:  the project's own API, `StockEngine.reserve` (lua/reserveHold-6.lua, one EVALSHA through
+- engine:  the project's own API, `Holds.reserve` (lua/reserveHold-6.lua, one EVALSHA through
            the engine's lane, app/engine/lane.py), each client process with its own Container.
 - lua:     a minimal one-script reserve on the same Redis (check available, decrement), through the
            same redis-py client settings (app.redis_client.make_redis).
@@ -29,7 +29,7 @@ from app.composition import Container
 from app.errors import InsufficientStock
 from app.redis_client import make_redis
 from app.settings import load_settings
-from app.stock import unpack_hold
+from app.engine.holdrec import unpack_hold
 from app import keys
 from bench.clients import RunResult, run_clients
 from bench.stores import Stores, lua_stock_key, seed_variants, sessions_for
@@ -103,7 +103,7 @@ def summarize_rounds(rounds: list, merged, check: dict) -> dict:
 def engine_setup(env: dict, variant_ids: list[int]):
     def setup(index: int):
         container = Container(load_settings(env))
-        engine = container.stock
+        engine = container.holds
         rng = random.Random(index)
         seq = itertools.count()
         pid = os.getpid()  # user ids stay distinct across the rounds of a case
@@ -195,8 +195,8 @@ def reset_redis(stores: Stores, container: Container, variant_ids: list[int], st
     building its own.
     """
     stores.flush_redis()
-    container.stock.counters(variant_ids)  # rebuilt from the database's on_hand
-    container.stock.reserve(variant_ids[0], "parent-warmup", 1)
+    container.holds.counters(variant_ids)  # rebuilt from the database's on_hand
+    container.holds.reserve(variant_ids[0], "parent-warmup", 1)
     pipe = container.redis.pipeline(transaction=False)
     for vid in variant_ids:
         pipe.set(lua_stock_key(vid), stock)
@@ -231,7 +231,7 @@ def check_engine(
     container: Container, variant_ids: list[int], on_hand: dict[int, int], acknowledged: int
 ) -> dict:
     """available + reserved == on_hand, reserved == sum of live holds, and every acknowledged reserve held."""
-    engine = container.stock
+    engine = container.holds
     counters = engine.counters(variant_ids)
     pipe = container.redis.pipeline(transaction=False)
     for vid in variant_ids:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from app import clock, keys
-from app.stock import hold_id_for
+from app.engine.holdrec import hold_id_for
 from app.settings import ROOT
 from bench.clients import percentile
 from bench.stores import Stores, seed_variants, sessions_for
@@ -172,7 +172,7 @@ def run(stores: Stores, *, lag_holds: int, other_live: int, sweep_interval: int,
         "holds_together": TOGETHER_VARIANTS * TOGETHER_PER_VARIANT,
     }
     container = stores.container()
-    engine, redis = container.stock, container.redis
+    engine, redis = container.holds, container.redis
     try:
         # -- with the listener ------------------------------------------------------------------
         stores.flush_redis()

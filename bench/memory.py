@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from app import keys
 from app.composition import Container
-from app.services.cart import CartService
 from app.settings import load_settings
 from bench.clients import fork_all
 from bench.stores import Stores, seed_variants, sessions_for
@@ -33,7 +32,7 @@ def run(stores: Stores, *, holds: int, log=print) -> dict:
     redis = container.redis
     env = stores.env()
     try:
-        cart = CartService(container)
+        cart = container.cart
         for vid in vids:
             cart.add(f"warm{vid}", vid, 1)
         before = stores.used_memory()
@@ -41,7 +40,7 @@ def run(stores: Stores, *, holds: int, log=print) -> dict:
 
         def writer(index: int) -> int:
             c = Container(load_settings(env))
-            service = CartService(c)
+            service = c.cart
             for k in range(per_process):
                 service.add(f"m{index}-{k}", vids[k % variants], 1)
             c.close()
@@ -49,7 +48,7 @@ def run(stores: Stores, *, holds: int, log=print) -> dict:
 
         made = sum(fork_all(writer, PROCESSES))
         after = stores.used_memory()
-        counters = container.stock.counters(vids)
+        counters = container.holds.counters(vids)
         reserved = sum(c.reserved for c in counters.values())
         live = sum(c.active_holds for c in counters.values())
         carts = sum(1 for _ in redis.scan_iter(match=keys.cart("*"), count=10000))

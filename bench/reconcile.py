@@ -1,4 +1,4 @@
-"""Reconcile benchmark: StockEngine.reconcile over every variant, dry run and repair.
+"""Reconcile benchmark: Reconciler.reconcile over every variant, dry run and repair.
 
 N variants (100,000; QUICK 10,000) are written to the database in bulk with on_hand 100; a first
 reconcile builds their counters (timed too: it is what a Redis that came back empty costs); every
@@ -31,9 +31,9 @@ def run(stores: Stores, *, variants: int, log=print) -> dict:
     seed_s = round(time.perf_counter() - t0, 1)
     stores.flush_redis()
     container = stores.container()
-    engine, redis = container.stock, container.redis
+    engine, reconciler, redis = container.holds, container.reconciler, container.redis
     try:
-        build, build_s = _timed(lambda: engine.reconcile())
+        build, build_s = _timed(lambda: reconciler.reconcile())
         held = vids[::10]
         for vid in held:
             engine.reserve(vid, "r1", 2)
@@ -42,9 +42,9 @@ def run(stores: Stores, *, variants: int, log=print) -> dict:
         for vid in drifted:
             pipe.hincrby(keys.stock(vid), "available", 3)
         pipe.execute()
-        dry, dry_s = _timed(lambda: engine.reconcile(dry_run=True))
-        repair, repair_s = _timed(lambda: engine.reconcile())
-        after, after_s = _timed(lambda: engine.reconcile(dry_run=True))
+        dry, dry_s = _timed(lambda: reconciler.reconcile(dry_run=True))
+        repair, repair_s = _timed(lambda: reconciler.reconcile())
+        after, after_s = _timed(lambda: reconciler.reconcile(dry_run=True))
         counters = engine.counters(vids)
         broken = [v for v in vids if counters[v].available + counters[v].reserved != ON_HAND]
         # the run covers every variant in the database; the ones of other benchmarks are clean too

@@ -433,7 +433,7 @@ def cluster_table(clu: dict, m: dict) -> list[str]:
     n = clu["primaries"]
     lines = [
         "",
-        f"CLUSTER: StockEngine.reserve on one redis-server and on a Redis Cluster of {n} primaries "
+        f"CLUSTER: Holds.reserve on one redis-server and on a Redis Cluster of {n} primaries "
         f"(REDIS_CLUSTER=1, redis-py RedisCluster), reservations/s (p50/p99 ms), {how}; "
         f"hot: 1 variant, 1000: {clu['spread_variants']:,} variants at random",
         f"{'workload':<8} {'procs':>5}  {'single node':<26}{'cluster':<26}{'cluster/single':>14}"
@@ -533,7 +533,7 @@ def chart_engine(results: dict, path: Path) -> Path | None:
         print("bench: matplotlib is not installed (pip install -e '.[bench]'): no chart")
         return None
     labels = {
-        "engine": "engine (StockEngine.reserve)",
+        "engine": "engine (Holds.reserve)",
         "lua": "minimal Lua reserve",
         "rowlock": "row lock (Postgres)",
     }

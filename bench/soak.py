@@ -160,7 +160,7 @@ class Monitor:
         from sqlalchemy import select
 
         from app import keys
-        from app.stock import unpack_hold
+        from app.engine.holdrec import unpack_hold
         from persistence.models import Stock
 
         with self.c.sessions() as s:  # the database first, then Redis: see the module docstring
@@ -313,7 +313,7 @@ def _run_quiet(seconds, redis_url, database_url, workers, count, out) -> dict:
     try:
         seeded = _seed(c.sessions, count)
         variant_ids = [vid for vid, _ in seeded]
-        c.stock.counters(variant_ids)
+        c.holds.counters(variant_ids)
         monitor = Monitor(c, variant_ids)
         stop = threading.Event()
         errors: list[str] = []
@@ -325,11 +325,11 @@ def _run_quiet(seconds, redis_url, database_url, workers, count, out) -> dict:
 
         def sweep():
             jobs["sweeps"] += 1
-            jobs["swept holds"] += c.stock.sweep().holds
+            jobs["swept holds"] += c.sweeper.sweep().holds
 
         def reconcile():
             jobs["reconciles"] += 1
-            report = c.stock.reconcile(variant_ids)
+            report = c.reconciler.reconcile(variant_ids)
             drift.extend(report.rows)
 
         def check():
@@ -370,8 +370,8 @@ def _run_quiet(seconds, redis_url, database_url, workers, count, out) -> dict:
         elapsed = time.time() - started
 
         # quiet now: settle, then every check must be exact
-        c.stock.sweep()
-        final = c.stock.reconcile(variant_ids, grace_ms=0)
+        c.sweeper.sweep()
+        final = c.reconciler.reconcile(variant_ids, grace_ms=0)
         drift.extend(final.rows)
         monitor.check_once()
         violations = list(monitor.violations) + [f"reconciler drift: {row}" for row in drift] + errors

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from app.embedded import free_port
 from app.settings import ROOT
-from app.stock import unpack_hold
+from app.engine.holdrec import unpack_hold
 from app import keys
 from bench.clients import cpu_snapshot, cpu_use, lower_priority, run_clients
 from bench.stores import Stores, seed_rules, seed_variants, sessions_for
@@ -372,7 +372,7 @@ def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 
 def _check(stores: Stores, vid: int, served: int, in_flight: int) -> dict:
     container = stores.container()
     try:
-        c = container.stock.counters([vid])[vid]
+        c = container.holds.counters([vid])[vid]
         raw = container.redis.hgetall(keys.holds(vid))
         held = sum(h.quantity for h in map(unpack_hold, raw.values()) if h is not None)
         carts = sum(1 for _ in container.redis.scan_iter(match=keys.cart("*"), count=10000))

@@ -16,8 +16,9 @@ import time
 
 import redis as redis_lib
 
-from app import clock, keys
+from app import keys
 from app.composition import Container
+from app.engine.expiry import enable_expired_events, expired_channel, is_cluster, node_clients
 
 log = logging.getLogger(__name__)
 
@@ -27,42 +28,6 @@ TOPOLOGY_CHECK_S = 5.0
 # it: with thousands of live holds that takes seconds. So the listener also sweeps what the due
 # hints name this often.
 FAST_SWEEP_S = 0.25
-
-
-def _is_cluster(redis) -> bool:
-    return hasattr(redis, "get_primaries")
-
-
-def _node_clients(redis) -> list:
-    """One plain client per server: the client itself on a single Redis, each primary's on a cluster."""
-    if _is_cluster(redis):
-        return [node.redis_connection for node in redis.get_primaries()]
-    return [redis]
-
-
-def _enable_on(client) -> bool:
-    try:
-        flags = client.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
-        if "E" in flags and ("x" in flags or "A" in flags):
-            return True
-        client.config_set("notify-keyspace-events", "".join(sorted(set(flags + "Ex"))))
-        return True
-    except redis_lib.exceptions.ResponseError as exc:
-        log.warning("cannot enable keyspace expiry events (%s): the sweeper releases lapsed holds alone", exc)
-        return False
-
-
-def ensure_expired_events(redis) -> bool:
-    """Turn on `notify-keyspace-events Ex` (keeping other flags) on every primary; False where
-    CONFIG is not allowed (managed Redis)."""
-    return all([_enable_on(client) for client in _node_clients(redis)])
-
-
-def expired_channel(redis) -> str:
-    db = 0
-    if not _is_cluster(redis):
-        db = redis.connection_pool.connection_kwargs.get("db", 0)
-    return f"__keyevent@{db}__:expired"
 
 
 def _node_name(client) -> str:
@@ -76,7 +41,7 @@ class ExpiryListener:
     def __init__(self, container: Container, stop: threading.Event | None = None,
                  max_backoff: float = 10.0):
         self.container = container
-        self.engine = container.stock
+        self.sweeper = container.sweeper
         self.stop = stop or threading.Event()
         self.max_backoff = max_backoff
         self.released_holds = 0
@@ -101,7 +66,7 @@ class ExpiryListener:
     def _fast_sweeps(self) -> None:
         while not self.stop.wait(FAST_SWEEP_S):
             try:
-                report = self.engine.sweep_due()
+                report = self.sweeper.sweep_due()
             except (redis_lib.RedisError, OSError):
                 continue  # the subscribers report and retry the connection
             if report.holds:
@@ -112,7 +77,7 @@ class ExpiryListener:
 
     def _run_subscribers(self) -> None:
         redis = self.container.redis
-        if not _is_cluster(redis):
+        if not is_cluster(redis):
             self._subscribe(redis, self.stop)
             return
         next_check = 0.0
@@ -130,7 +95,7 @@ class ExpiryListener:
     def _follow_topology(self, redis) -> None:
         try:
             redis.nodes_manager.initialize()
-            clients = {_node_name(c): c for c in _node_clients(redis)}
+            clients = {_node_name(c): c for c in node_clients(redis)}
         except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.exceptions.RedisClusterException) as exc:
             log.warning("listener cannot read the cluster topology (%s); keeping current subscriptions",
                         type(exc).__name__)
@@ -162,16 +127,16 @@ class ExpiryListener:
     # -- one server ---------------------------------------------------------------------------------
 
     def _subscribe(self, client, stop: threading.Event) -> None:
-        name = "single" if not _is_cluster(self.container.redis) else _node_name(client)
+        name = "single" if not is_cluster(self.container.redis) else _node_name(client)
         backoff = 0.1
         while not stop.is_set() and not self.stop.is_set():
             pubsub = None
             try:
-                _enable_on(client)
+                enable_expired_events(client)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(expired_channel(self.container.redis))
                 # Subscribed first, then sweep: nothing can lapse unseen in between.
-                report = self.engine.sweep()
+                report = self.sweeper.sweep()
                 if report.holds:
                     log.info("catch-up sweep released %d hold(s), %d unit(s)", report.holds, report.units)
                 with self._lock:
@@ -215,7 +180,7 @@ class ExpiryListener:
         """Sweep the variants whose timers lapsed; returns units released. A timer that fired a little
         before this process's clock reached the expiry is re-armed by the sweep (at least 10 ms on),
         so its hold is released on the next event."""
-        report = self.engine.sweep_variants(variant_ids, now=now)
+        report = self.sweeper.sweep_variants(variant_ids, now=now)
         if report.holds:
             log.info("released %d lapsed hold(s) of %d variant(s): %d unit(s) back", report.holds,
                      len(set(variant_ids)), report.units)

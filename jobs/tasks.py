@@ -50,7 +50,7 @@ def sweep_job() -> dict:
         log.info("sweep skipped: another sweep is running")
         return {"skipped": True}
     try:
-        report = c.stock.sweep()
+        report = c.sweeper.sweep()
     finally:
         _release(lock)
     if report.holds:
@@ -67,7 +67,7 @@ def reconcile_job(dry_run: bool = False, variant_ids: list[int] | None = None) -
         log.info("reconcile skipped: another reconcile is running")
         return {"skipped": True}
     try:
-        report = c.stock.reconcile(variant_ids, dry_run=dry_run)
+        report = c.reconciler.reconcile(variant_ids, dry_run=dry_run)
     finally:
         _release(lock)
     if report.drifted:

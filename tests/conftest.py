@@ -40,10 +40,6 @@ def pytest_addoption(parser):
                      help="run against a 3-primary Redis Cluster started on loopback ports")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "single_node: needs a single Redis server (skipped with --redis-cluster)")
-
-
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--redis-cluster"):
         return

@@ -13,8 +13,7 @@ from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, 
 from app.api.context import container
 from app.api.pricing_schemas import TIER_MESSAGE, TIER_PATTERN
 from app.errors import ValidationFailed
-from app.services import checkout as checkout_service
-from app.services.cart import MAX_INT_USER, USER_ID_RE, CartService, canonical_user
+from app.services.cart import MAX_INT_USER, USER_ID_RE, canonical_user
 from app.services.idempotency import run_once
 
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
@@ -169,7 +168,7 @@ def _load_add() -> dict:
 def add():
     body = _load_add()
     c = container()
-    service = CartService(c)
+    service = c.cart
 
     def do():
         return 201, service.add(body["user_id"], body["variant_id"], body["quantity"], body.get("user_tier"),
@@ -191,7 +190,7 @@ _REF_PARAMETER = [{"in": "path", "name": "ref", "required": True,
 @blp.doc(summary="A customer's cart (`ref` is the user id); lapsed lines show as expired",
          security=[{"bearer": []}])
 def get_cart(ref):
-    return reply(200, CartService(container()).get_cart(ref))
+    return reply(200, container().cart.get_cart(ref))
 
 
 @blp.route(_REF, methods=["PATCH"], parameters=_REF_PARAMETER)
@@ -202,7 +201,7 @@ def get_cart(ref):
 @blp.doc(summary="Change a line's quantity (`ref` is the item id; re-reserves, re-prices, renews the hold)",
          security=[{"bearer": []}])
 def change(body, ref):
-    return reply(200, CartService(container()).change_quantity(ref, body["quantity"]))
+    return reply(200, container().cart.change_quantity(ref, body["quantity"]))
 
 
 @blp.route(_REF, methods=["DELETE"], parameters=_REF_PARAMETER)
@@ -211,7 +210,7 @@ def change(body, ref):
 @blp.doc(summary="Remove a line (`ref` is the item id); its units go back to stock at once",
          security=[{"bearer": []}])
 def remove(ref):
-    CartService(container()).remove(ref)
+    container().cart.remove(ref)
     return "", 204
 
 
@@ -227,10 +226,10 @@ def checkout(_body, user_id):
     key = _idempotency_key()
 
     def do():
-        return 201, checkout_service.checkout(c, user, key)
+        return 201, c.checkout.checkout(user, key)
 
     def durable():
-        found = checkout_service.recorded_checkout(c, user, key)
+        found = c.checkout.recorded_checkout(user, key)
         return (201, found) if found is not None else None
 
     return reply(*run_once(c.redis, "checkout", user, key, do, durable))

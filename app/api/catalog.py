@@ -126,7 +126,7 @@ class VariantById(MethodView):
     def delete(self, variant_id):
         """Delete a variant and its stock row"""
         c = container()
-        catalog.delete_variant(c.sessions, c.stock, variant_id, redis=c.redis)
+        catalog.delete_variant(c.sessions, c.holds, variant_id, redis=c.redis)
 
 
 # --- products --------------------------------------------------------------------------------
@@ -182,4 +182,4 @@ class ProductById(MethodView):
     def delete(self, product_id):
         """Delete a product with its variants and their stock rows"""
         c = container()
-        catalog.delete_product(c.sessions, c.stock, product_id, redis=c.redis)
+        catalog.delete_product(c.sessions, c.holds, product_id, redis=c.redis)

@@ -50,7 +50,7 @@ def readyz():
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"error: {type(exc).__name__}"
     try:
-        c.stock.ensure_scripts_loaded()
+        c.runner.load_all()
         checks["redis"] = "ok"
         checks["scripts"] = "ok"
     except Exception as exc:  # noqa: BLE001

@@ -7,7 +7,6 @@ from marshmallow import fields, validate
 from app.api.auth import actor
 from app.api.base import MAX_ID, Blueprint, PageArgs, Timestamp, list_schema, page_of
 from app.api.context import container
-from app.services import inventory
 
 blp = Blueprint("inventory", __name__, url_prefix="/api/inventory", description="Stock per variant")
 
@@ -46,7 +45,7 @@ _SECURED = {"security": [{"bearer": []}]}
 @blp.response(200, StockListSchema)
 @blp.doc(summary="Stock rows: on_hand from the database, available/reserved live", **_SECURED)
 def list_stock(args):
-    rows, total = inventory.list_stock(container(), args["page"], args["per_page"])
+    rows, total = container().inventory.list_stock(args["page"], args["per_page"])
     return page_of(rows, args["page"], args["per_page"], total)
 
 
@@ -54,7 +53,7 @@ def list_stock(args):
 @blp.response(200, StockRowSchema)
 @blp.doc(summary="One variant's stock row", **_SECURED)
 def get_stock(variant_id):
-    return inventory.get_stock(container(), variant_id)
+    return container().inventory.get_stock(variant_id)
 
 
 @blp.route("/<int(max=%d):variant_id>/" % MAX_ID, methods=["PUT"])
@@ -63,7 +62,7 @@ def get_stock(variant_id):
 @blp.alt_response(409, description="stock_below_reserved")
 @blp.doc(summary="Set on_hand (admin); written to the stock-movement ledger", **_SECURED)
 def put_stock(body, variant_id):
-    return inventory.set_on_hand(container(), variant_id, body["on_hand"], body["reason"], actor())
+    return container().inventory.set_on_hand(variant_id, body["on_hand"], body["reason"], actor())
 
 
 @blp.route("/<int(max=%d):variant_id>/adjust/" % MAX_ID, methods=["POST"])
@@ -72,4 +71,4 @@ def put_stock(body, variant_id):
 @blp.alt_response(409, description="stock_below_reserved")
 @blp.doc(summary="Change on_hand by delta (admin); written to the stock-movement ledger", **_SECURED)
 def adjust_stock(body, variant_id):
-    return inventory.adjust(container(), variant_id, body["delta"], body["reason"], actor())
+    return container().inventory.adjust(variant_id, body["delta"], body["reason"], actor())

@@ -40,5 +40,5 @@ class ReconcileReportSchema(ma.Schema):
          security=[{"bearer": []}])
 def reconcile(args):
     args = args or {}
-    report = container().stock.reconcile(args.get("variant_ids"), dry_run=args.get("dry_run", False))
+    report = container().reconciler.reconcile(args.get("variant_ids"), dry_run=args.get("dry_run", False))
     return report.as_dict()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from app.api.base import MAX_ID, Blueprint, PageArgs, list_schema, page_of, reply
 from app.api.cart import OrderSchema, UserIdField
 from app.api.context import container
-from app.services import checkout as checkout_service
 
 blp = Blueprint("orders", __name__, url_prefix="/api/orders", description="Confirmed orders")
 
@@ -22,7 +21,7 @@ OrderListSchema = list_schema(OrderSchema, "OrderList")
 @blp.response(200, OrderListSchema)
 @blp.doc(summary="Orders, newest first; ?user_id= for one customer's", security=[{"bearer": []}])
 def list_orders(args):
-    items, total = checkout_service.list_orders(container(), args.get("user_id"), args["page"], args["per_page"])
+    items, total = container().checkout.list_orders(args.get("user_id"), args["page"], args["per_page"])
     return reply(200, page_of(items, args["page"], args["per_page"], total))
 
 
@@ -30,4 +29,4 @@ def list_orders(args):
 @blp.response(200, OrderSchema)
 @blp.doc(summary="One order", security=[{"bearer": []}])
 def get_order(order_id):
-    return reply(200, checkout_service.get_order(container(), order_id))
+    return reply(200, container().checkout.get_order(order_id))

@@ -1,31 +1,33 @@
-"""The cart: every line is a hold (app.stock), priced once when it is added (a price snapshot).
+"""The cart service: every line is a hold, priced once when it is added (a price snapshot).
 
 Add-to-cart is the hot path of a flash sale: one round trip to Redis for a new line (the reserve
-script with the reads it needs and the line's write beside it), two when it merges into a line, and
-none to the database once the catalog cache is warm. Stock and carts live in different hash slots,
-so the hold is taken first and the line written second: a crash in between leaves a hold with no
-line, which simply lapses (DESIGN.md).
+script with the reads it needs and the line's write beside it, app/engine/carts.py), two when it
+merges into a line, and none to the database once the catalog cache is warm.
 """
 from __future__ import annotations
 
 import logging
 import re
 import time
-from dataclasses import dataclass
-from functools import lru_cache
 from decimal import Decimal
 from typing import Any
 
-from app import catalog_cache, clock, keys
-from app.composition import Container
+from app import catalog_cache, clock
+from app.engine.carts import Line
+from app.engine.holdrec import hold_id_for, new_gen, parse_hold_id
 from app.errors import InsufficientStock, NotFound, PriceChanged, ProductNotActive, ValidationFailed
-from app.stock import hold_id_for, new_gen, parse_hold_id
+from app.money import cents, money
 
 log = logging.getLogger(__name__)
 
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # fullmatch: "$" would let a final "\n" through
 MAX_INT_USER = 10**18  # an integer user id is below this
-CENTS = Decimal("0.01")
+
+_STORE_ATTEMPTS = 5
+# After a refusal for stock, adds of that variant in this process skip the line written ahead of
+# the reserve for a moment: a sold-out item would otherwise cost each refused add a second round trip.
+_SHORT_SECONDS = 1.0
+_SHORT_MAX_VARIANTS = 10_000
 
 
 def canonical_user(user_id: Any) -> str:
@@ -49,57 +51,10 @@ def render_user(user: str) -> int | str:
     return user
 
 
-@lru_cache(maxsize=8192)  # a sale renders the same few prices and totals on every add
-def money(value: Decimal) -> str:
-    return format(Decimal(value).quantize(CENTS), "f")
-
-
-@dataclass
-class Line:
-    """A cart line as stored in the cart hash (see dumps)."""
-
-    item_id: str
-    variant_id: int
-    sku: str
-    quantity: int
-    unit_price: Decimal
-    expires_ms: int
-    gen: str
-    tier: str | None = None
-
-    def dumps(self) -> str:
-        """`qty|unit_price|expires_ms|gen|tier`: short enough (<= 64 bytes) that Redis keeps a cart
-        as a compact listpack; the variant id is in the item id and the sku in the catalog cache."""
-        return f"{self.quantity}|{money(self.unit_price)}|{self.expires_ms}|{self.gen}|{self.tier or ''}"
-
-    @classmethod
-    def loads(cls, item_id: str, raw: str, sku: str = "") -> "Line":
-        variant_id = int(item_id.partition("~")[0])
-        quantity, price, expires, gen, tier = raw.split("|")
-        return cls(item_id, variant_id, sku, int(quantity), Decimal(price), int(expires), gen, tier or None)
-
-
-_STORE_ATTEMPTS = 5
-# After a refusal for stock, adds of that variant in this process skip the line written ahead of
-# the reserve for a moment: a sold-out item would otherwise cost each refused add a second round trip.
-_SHORT_SECONDS = 1.0
-_SHORT_UNTIL: dict[int, float] = {}
-
-
-def _stale(line: Line, hold) -> bool:
-    """The line's hold lives on (same generation) but holds another quantity or expiry than the line says."""
-    return (hold is not None and hold.gen == line.gen
-            and (hold.quantity != line.quantity or hold.expires_ms != line.expires_ms))
-
-
 def _require_active(info) -> None:
     if info.product_status != "active":
         raise ProductNotActive(f"Product {info.product_id} is not active",
                                {"product_id": info.product_id, "status": info.product_status})
-
-
-def _line_is_live(line: Line, hold, now: int) -> bool:
-    return hold is not None and hold.gen == line.gen and hold.expires_ms > now
 
 
 def item_json(line: Line, held: bool) -> dict:
@@ -125,17 +80,20 @@ def cart_json(user: str, lines: list[Line], live: dict[str, bool]) -> dict:
 
 
 class CartService:
-    def __init__(self, container: Container):
-        self.c = container
-        self.redis = container.redis
-        self.engine = container.stock
-        self.pricing = container.pricing
+    """Carts for the storefront: add, read, change, remove."""
+
+    def __init__(self, holds, store, pricing, settings):
+        self.holds = holds  # app.engine.holds.Holds
+        self.store = store  # app.engine.carts.CartStore
+        self.pricing = pricing  # app.services.pricing.PricingService
+        self.settings = settings
+        self._short_until: dict[int, float] = {}
 
     # -- reads ------------------------------------------------------------------------------------
 
-    def _lines(self, user: str) -> list[Line]:
-        raw = self.redis.hgetall(keys.cart(user))
-        return self._with_skus([Line.loads(item_id, body) for item_id, body in raw.items()])
+    def lines(self, user: str, version: int | None = None) -> list[Line]:
+        """A customer's lines with their skus."""
+        return self._with_skus(self.store.lines(user), version)
 
     def _with_skus(self, lines: list[Line], version: int | None = None) -> list[Line]:
         """Fill in each line's sku from the catalog cache (a deleted variant keeps an empty one)."""
@@ -153,12 +111,12 @@ class CartService:
 
     def _liveness(self, lines: list[Line], now: int | None = None) -> dict[str, bool]:
         now = clock.now_ms() if now is None else now
-        holds = self.engine.holds([(line.variant_id, line.item_id) for line in lines])
-        return {line.item_id: _line_is_live(line, hold, now) for line, hold in zip(lines, holds)}
+        holds = self.holds.holds([(line.variant_id, line.item_id) for line in lines])
+        return {line.item_id: line.is_live(hold, now) for line, hold in zip(lines, holds)}
 
     def get_cart(self, user_id: Any) -> dict:
         user = canonical_user(user_id)
-        lines = self._lines(user)
+        lines = self.lines(user)
         return cart_json(user, lines, self._liveness(lines))
 
     # -- add ----------------------------------------------------------------------------------------
@@ -176,15 +134,13 @@ class CartService:
         now = clock.now_ms()
         cached = self.pricing.cached_variant_info(variant_id)
         if shown_price is None and cached is not None and cached[0].product_status == "active":
-            reservation, info, version, raw_cart, written = self._reserve_first(
-                variant_id, user, quantity, tier, now, cached)
-            lines = {line.item_id: line for line in self._with_skus(
-                [Line.loads(item, body) for item, body in raw_cart.items()], version)}
+            reservation, info, version, read, written = self._reserve_first(variant_id, user, quantity, tier, now, cached)
+            lines = {line.item_id: line for line in self._with_skus(read, version)}
             if written is not None:
                 # the line went in with the reserve: only the other lines' holds are left to read
                 others = [l for l in lines.values() if l.item_id != item_id]
                 lines[item_id] = written
-                other_holds = self.engine.holds([(o.variant_id, o.item_id) for o in others]) if others else []
+                other_holds = self.holds.holds([(o.variant_id, o.item_id) for o in others]) if others else []
                 return self._added(user, written, lines, others, other_holds, now)
             quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
                                        catalog_version=version)
@@ -205,7 +161,7 @@ class CartService:
                now: int) -> dict:
         live = {line.item_id: True}
         for other, hold in zip(others, other_holds):
-            live[other.item_id] = _line_is_live(other, hold, now)
+            live[other.item_id] = other.is_live(hold, now)
         return {"item": item_json(line, True), "cart": cart_json(user, list(lines.values()), live)}
 
     def _reserve_first(self, variant_id: int, user: str, quantity: int, tier: str | None, now: int, cached):
@@ -215,55 +171,58 @@ class CartService:
 
         Unless the variant was short of stock a moment ago, the line is written in that same round
         trip too, priced from the cache for a fresh hold of `quantity` and only where the cart has
-        no line for the item yet (HSETNX). It stands when the reserve did make exactly that fresh
-        hold and the cache was current: then the line is the 5th value returned, and the add is one
-        round trip. Otherwise it is treated as not written (the usual write and read-back follow),
-        and on a refusal it is taken out again (only if still ours, by its generation), so a
-        refused add leaves no line; a crash before that leaves one that shows as expired.
+        no line for the item yet. It stands when the reserve did make exactly that fresh hold and
+        the cache was current: then the add is one round trip. Otherwise it is treated as not
+        written (the usual write and read-back follow), and on a refusal it is taken out again
+        (only if still ours, by its generation), so a refused add leaves no line; a crash before
+        that leaves one that shows as expired.
         """
         cached_info, cached_version = cached
-        item_id = hold_id_for(variant_id, user)
-        also = [("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))]
         guess = None
-        if _SHORT_UNTIL.get(variant_id, 0.0) < time.monotonic():
+        if self._short_until.get(variant_id, 0.0) < time.monotonic():
             quote = self.pricing.price(cached_info.product_id, variant_id, quantity, tier,
                                        catalog_version=cached_version)
-            guess = Line(item_id, variant_id, cached_info.sku, quantity, quote.unit_price,
-                         now + self.engine.ttl_ms, new_gen(), tier)
-            also.append(("HSETNX", keys.cart(user), item_id, guess.dumps()))
+            guess = Line(hold_id_for(variant_id, user), variant_id, cached_info.sku, quantity, quote.unit_price,
+                         now + self.holds.ttl_ms, new_gen(), tier)
         try:
-            reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now,
-                                              gen=guess.gen if guess else None, also=also)
+            reservation, raw_version, read, wrote = self.store.reserve_with_line(variant_id, user, quantity, now, guess)
         except Exception as exc:
             if isinstance(exc, InsufficientStock):
-                _SHORT_UNTIL[variant_id] = time.monotonic() + _SHORT_SECONDS
+                self._mark_short(variant_id)
             self._take_back(user, guess)
             raise
-        raw_version, raw_cart, *wrote = reservation.also
         version = catalog_cache.parse(raw_version)
         info = cached_info
         if version != cached_version:
             try:
                 info = self.pricing.variant_info(variant_id, catalog_version=version)
             except NotFound:
-                self.engine.reserve(variant_id, user, quantity, mode="sub")
-                self._take_back(user, guess)
+                self._undo(variant_id, user, quantity, guess)
                 raise
             if info.product_status != "active":
-                self.engine.reserve(variant_id, user, quantity, mode="sub")
-                self._take_back(user, guess)
+                self._undo(variant_id, user, quantity, guess)
                 _require_active(info)
-        stands = (guess is not None and wrote == [1] and version == cached_version
+        stands = (guess is not None and wrote and version == cached_version
                   and (reservation.gen, reservation.quantity, reservation.expires_ms)
                   == (guess.gen, guess.quantity, guess.expires_ms))
-        return reservation, info, version, raw_cart, guess if stands else None
+        return reservation, info, version, read, guess if stands else None
+
+    def _mark_short(self, variant_id: int) -> None:
+        if len(self._short_until) >= _SHORT_MAX_VARIANTS:
+            self._short_until.clear()
+        self._short_until[variant_id] = time.monotonic() + _SHORT_SECONDS
+
+    def _undo(self, variant_id: int, user: str, quantity: int, guess: Line | None) -> None:
+        """Give back the units of an add that must not stand, and its line written ahead."""
+        self.holds.reserve(variant_id, user, quantity, mode="sub")
+        self._take_back(user, guess)
 
     def _take_back(self, user: str, line: Line | None) -> None:
         """Remove a line written ahead of a reserve that did not stand (only if it is still ours)."""
         if line is None:
             return
         try:
-            self.engine.drop_cart_lines([(user, line.item_id, line.gen)])
+            self.store.drop_lines([(user, line.item_id, line.gen)])
         except Exception:  # noqa: BLE001 - the store is failing: the line shows as expired
             log.warning("could not take back the cart line %s written ahead of a refused add", line.item_id)
 
@@ -271,25 +230,23 @@ class CartService:
                             shown_price: Decimal | None, now: int):
         """Every check before anything is reserved: a shown price that differs reserves nothing."""
         item_id = hold_id_for(variant_id, user)
-        (hold,), (raw_version, raw_cart) = self.engine.read_holds(
-            [(variant_id, item_id)], also=[("GET", catalog_cache.KEY), ("HGETALL", keys.cart(user))])
+        hold, raw_version, read = self.store.snapshot(user, variant_id, item_id)
         version = catalog_cache.parse(raw_version)
 
         info = self.pricing.variant_info(variant_id, catalog_version=version)
         _require_active(info)
-        lines = {line.item_id: line for line in self._with_skus(
-            [Line.loads(item, body) for item, body in raw_cart.items()], version)}
+        lines = {line.item_id: line for line in self._with_skus(read, version)}
         existing = lines.get(item_id)
-        current = hold.quantity if existing and hold and _line_is_live(existing, hold, now) else 0
+        current = hold.quantity if existing and existing.is_live(hold, now) else 0
         quote = self.pricing.price(info.product_id, variant_id, current + quantity, tier,
                                    catalog_version=version)
-        if shown_price is not None and shown_price.quantize(CENTS) != quote.unit_price:
+        if shown_price is not None and cents(shown_price) != quote.unit_price:
             raise PriceChanged(
                 f"The price is now {money(quote.unit_price)}, not {money(shown_price)}",
                 {"current_price": money(quote.unit_price), "price": money(shown_price),
                  "variant_id": variant_id},
             )
-        reservation = self.engine.reserve(variant_id, user, quantity, mode="add", now=now)
+        reservation = self.holds.reserve(variant_id, user, quantity, mode="add", now=now)
         if reservation.quantity != current + quantity:
             # the hold changed under us (a concurrent add by the same customer): price what is held
             quote = self.pricing.price(info.product_id, variant_id, reservation.quantity, tier,
@@ -308,14 +265,14 @@ class CartService:
         """
         other_holds: list = []
         for attempt in range(_STORE_ATTEMPTS):
-            reads = [(line.variant_id, line.item_id)]
+            pairs = [(line.variant_id, line.item_id)]
             if attempt == 0:
-                reads += [(o.variant_id, o.item_id) for o in others]
-            holds, _ = self.engine.read_holds(reads, also=[("HSET", keys.cart(user), line.item_id, line.dumps())])
+                pairs += [(o.variant_id, o.item_id) for o in others]
+            holds = self.store.write(user, line, pairs)
             hold = holds[0]
             if attempt == 0:
                 other_holds = holds[1:]
-            if not _stale(line, hold):
+            if not line.is_behind(hold):
                 break
             quote = self.pricing.price(product_id, line.variant_id, hold.quantity, line.tier,
                                        catalog_version=version)
@@ -327,15 +284,11 @@ class CartService:
 
     def _find(self, item_id: str) -> tuple[str, Line]:
         parsed = parse_hold_id(item_id)
-        if parsed is None:
+        found = self.store.find(item_id) if parsed is not None and USER_ID_RE.fullmatch(parsed[1]) else None
+        if found is None:
             raise NotFound("cart item", item_id)
-        variant_id, user = parsed
-        if not USER_ID_RE.fullmatch(user):
-            raise NotFound("cart item", item_id)
-        raw = self.redis.hget(keys.cart(user), item_id)
-        if raw is None:
-            raise NotFound("cart item", item_id)
-        return user, self._with_skus([Line.loads(item_id, raw)])[0]
+        user, line = found
+        return user, self._with_skus([line])[0]
 
     def change_quantity(self, item_id: str, quantity: int) -> dict:
         """Make a line `quantity` units: reserves or returns the difference, renews the hold, re-prices."""
@@ -344,16 +297,16 @@ class CartService:
         info = self.pricing.variant_info(line.variant_id, catalog_version=version)
         _require_active(info)
         quote = self.pricing.price(info.product_id, line.variant_id, quantity, line.tier, catalog_version=version)
-        reservation = self.engine.reserve(line.variant_id, user, quantity, mode="set")
+        reservation = self.holds.reserve(line.variant_id, user, quantity, mode="set")
         line = Line(item_id, line.variant_id, line.sku, reservation.quantity, quote.unit_price,
                     reservation.expires_ms, reservation.gen, line.tier)
         line, _ = self._store_line(user, line, info.product_id, version)
-        lines = self._lines(user)
+        lines = self.lines(user)
         return {"item": item_json(line, True), "cart": cart_json(user, lines, self._liveness(lines))}
 
     def remove(self, item_id: str) -> None:
         """Remove a line and give its units back at once."""
         user, line = self._find(item_id)
         # release first: a crash before the line is deleted leaves a line shown as expired
-        self.engine.release(line.variant_id, item_id, gen=line.gen)
-        self.redis.hdel(keys.cart(user), item_id)
+        self.holds.release(line.variant_id, item_id, gen=line.gen)
+        self.store.remove(user, item_id)

@@ -15,7 +15,7 @@ from tests.factories import make_variant, on_hand
 
 
 def counters(container, vid):
-    return container.stock.counters([vid])[vid]
+    return container.holds.counters([vid])[vid]
 
 
 def assert_invariant(container, vid):
@@ -116,7 +116,7 @@ def test_a_new_line_goes_in_with_its_reserve_and_shows_what_the_hold_holds(clien
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in ("evalsha", "hsetnx", "hset", "hget")}
     if not cluster_mode:
         assert delta == {"evalsha": 1, "hsetnx": 2, "hset": 1, "hget": 0}, delta
-    hold = container.stock.holds([(vid, item["id"])])[0]
+    hold = container.holds.holds([(vid, item["id"])])[0]
     cart = client.get("/api/cart/fresh/").get_json()
     assert cart["items"] == [item]
     assert hold.quantity == 5 and cart["expires_at"] == item["reserved_until"]
@@ -263,7 +263,7 @@ def test_a_lapsed_line_stays_in_the_cart_as_expired_and_checkout_refuses_it(env,
     item = add(client, 9, vid, 3).get_json()["item"]
     wait_for(lambda: client.get("/api/cart/9/").get_json()["items"][0]["status"] == "expired",
              timeout=6, message="line to show as expired")
-    container.stock.sweep()
+    container.sweeper.sweep()
     # a fresh line beside the lapsed one (its hold lasts 2 s too: add it just before checkout):
     # checkout must still refuse as a whole
     add(client, 9, other, 1)
@@ -410,8 +410,8 @@ def test_a_crash_at_any_checkout_step_heals_through_the_reconciler(client, conta
             client.post("/api/cart/crash/checkout/")
     finally:
         faults.clear()
-    container.stock.reconcile(grace_ms=0)
-    container.stock.reconcile(grace_ms=0)  # a second pass settles what the first unlocked or finalized
+    container.reconciler.reconcile(grace_ms=0)
+    container.reconciler.reconcile(grace_ms=0)  # a second pass settles what the first unlocked or finalized
     with sessions() as s:
         orders = s.scalars(select(Order)).all()
     live = assert_invariant(container, vid)
@@ -438,15 +438,13 @@ def test_a_database_failure_during_checkout_unlocks_the_holds(client, container,
     def broken(*args, **kwargs):
         raise OperationalError("INSERT", {}, Exception("database is gone"))
 
-    from app.services import checkout as checkout_module
-
-    monkeypatch.setattr(checkout_module, "_write_order", broken)
+    monkeypatch.setattr(container.checkout, "_write_order", broken)
     response = client.post("/api/cart/dbfail/checkout/")
     assert response.status_code == 503
     assert response.headers["Retry-After"]
     assert response.get_json()["error"]["code"] == "unavailable"
     monkeypatch.undo()
-    holds = container.stock.holds([(vid, f"{vid}~dbfail")])
+    holds = container.holds.holds([(vid, f"{vid}~dbfail")])
     assert holds[0] is not None and holds[0].state == "held"
     assert client.post("/api/cart/dbfail/checkout/").status_code == 201
     assert on_hand(sessions, vid) == 8
@@ -465,7 +463,7 @@ def test_a_checkout_completed_by_the_reconciler_clears_its_cart_lines(client, co
             client.post("/api/cart/healed/checkout/")
     finally:
         faults.clear()
-    report = container.stock.reconcile(grace_ms=0)
+    report = container.reconciler.reconcile(grace_ms=0)
     assert report.locks_finalized == 1
     assert client.get("/api/cart/healed/").get_json()["items"] == []
     assert_invariant(container, vid)

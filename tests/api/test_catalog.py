@@ -258,13 +258,13 @@ def test_a_product_held_through_the_real_engine_cannot_be_deleted_until_released
                                                                                  redis_client):
     product = make_product(client)
     variant = make_variant(client, product["id"], on_hand=5)
-    reservation = container.stock.reserve(variant["id"], "101", 2)
+    reservation = container.holds.reserve(variant["id"], "101", 2)
 
     response = client.delete(f"/api/products/{product['id']}/")
     assert response.status_code == 409
     assert response.get_json()["error"]["details"] == {"active_holds": {str(variant["id"]): 1}}
 
-    container.stock.release(variant["id"], reservation.hold_id)
+    container.holds.release(variant["id"], reservation.hold_id)
     assert redis_client.exists(keys.stock(variant["id"]))
     assert client.delete(f"/api/products/{product['id']}/").status_code == 204
     assert client.get("/api/products/").get_json()["total"] == 0

@@ -66,12 +66,12 @@ def test_variants_spread_over_all_three_primaries_and_each_is_served(cluster_con
     owners = owner_by_slot(c.redis)
     assert len({owners[keys.variant_slot(v)] for v in ids}) == 3
     for v in ids:
-        assert c.stock.reserve(v, "u1", 2).available == 8
+        assert c.holds.reserve(v, "u1", 2).available == 8
         # every key of a variant, its slot's sweep index included, is on the variant's node
-        assert {owners[c.redis.keyslot(k)] for k in c.stock._indexed_keys(v)} == {owners[keys.variant_slot(v)]}
-    report = c.stock.sweep(now=clock.now_ms() + 10**7)
+        assert {owners[c.redis.keyslot(k)] for k in c.holds.indexed_keys(v)} == {owners[keys.variant_slot(v)]}
+    report = c.sweeper.sweep(now=clock.now_ms() + 10**7)
     assert (report.holds, report.units) == (12, 24)
-    assert all(x.available == 10 and x.reserved == 0 for x in c.stock.counters(ids).values())
+    assert all(x.available == 10 and x.reserved == 0 for x in c.holds.counters(ids).values())
 
 
 def test_the_listener_follows_a_primary_added_while_it_runs(cluster, cluster_container, tmp_path, monkeypatch):
@@ -126,10 +126,10 @@ def test_the_listener_follows_a_primary_added_while_it_runs(cluster, cluster_con
 
             wait_for(lambda: len(listener._subscribers) == 4 and listener.connected.is_set(), timeout=10,
                      message="the listener to follow the new primary")
-            reservation = c.stock.reserve(moved, "u1", 3, ttl_ms=300)
+            reservation = c.holds.reserve(moved, "u1", 3, ttl_ms=300)
             assert reservation.available == 7
             # no sweeper runs here: only the new node's expired event can bring the units back
-            wait_for(lambda: c.stock.counters([moved])[moved].available == 10, timeout=3,
+            wait_for(lambda: c.holds.counters([moved])[moved].available == 10, timeout=3,
                      message="the listener to release the hold on the new primary")
         finally:
             listener.stop.set()

@@ -183,10 +183,10 @@ def assert_stock_exact(container: Container, variant_ids) -> dict[int, tuple[int
     ids = sorted(set(variant_ids))
     with container.sessions() as s:
         on_hand = dict(s.execute(select(Stock.variant_id, Stock.on_hand).where(Stock.variant_id.in_(ids))).all())
-    live = container.stock.counters(ids)
+    live = container.holds.counters(ids)
     out = {}
     from app import keys
-    from app.stock import unpack_hold
+    from app.engine.holdrec import unpack_hold
 
     for vid in ids:
         holds = container.redis.hgetall(keys.holds(vid))

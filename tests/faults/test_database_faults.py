@@ -65,7 +65,7 @@ def test_the_database_cut_during_checkout_writes_nothing_and_keeps_the_holds(bas
     for vid, qty in ((a, 3), (b, 2)):
         assert client.post("/api/cart/add/", json={"user_id": "dbcut", "variant_id": vid,
                                                    "quantity": qty}).status_code == 201
-    before = {h.gen: h for h in direct.stock.holds([(a, f"{a}~dbcut"), (b, f"{b}~dbcut")])}
+    before = {h.gen: h for h in direct.holds.holds([(a, f"{a}~dbcut"), (b, f"{b}~dbcut")])}
 
     faults.inject("checkout.after_lock", proxy.cut)
     started = time.monotonic()
@@ -82,7 +82,7 @@ def test_the_database_cut_during_checkout_writes_nothing_and_keeps_the_holds(bas
     assert assert_stock_exact(direct, [a, b]) == {a: (10, 7, 3), b: (5, 3, 2)}
     # the holds are unlocked, the same holds as before, and still valid
     now = clock.now_ms()
-    for hold in direct.stock.holds([(a, f"{a}~dbcut"), (b, f"{b}~dbcut")]):
+    for hold in direct.holds.holds([(a, f"{a}~dbcut"), (b, f"{b}~dbcut")]):
         assert hold is not None and hold.state == "held" and hold.gen in before and hold.expires_ms > now
     assert {i["status"] for i in client.get("/api/cart/dbcut/").get_json()["items"]} == {"held"}
 
@@ -112,7 +112,7 @@ def test_a_commit_whose_answer_is_lost_is_never_sold_twice(base_env, build, db_p
 
     # The order is committed; the app could not know, so it left the hold locked, not released.
     assert _orders(direct) == 1
-    hold = direct.stock.holds([(vid, f"{vid}~lost")])[0]
+    hold = direct.holds.holds([(vid, f"{vid}~lost")])[0]
     assert hold is not None and hold.state == "locked"
 
     proxy.restore()
@@ -124,9 +124,9 @@ def test_a_commit_whose_answer_is_lost_is_never_sold_twice(base_env, build, db_p
     assert same.status_code == 201, same.get_json()
     assert_orders_durable(direct, [same.get_json()])
 
-    report = direct.stock.reconcile(grace_ms=0)
+    report = direct.reconciler.reconcile(grace_ms=0)
     assert report.locks_finalized == 1 and report.locks_released == 0
-    direct.stock.reconcile(grace_ms=0)
+    direct.reconciler.reconcile(grace_ms=0)
     assert assert_stock_exact(direct, [vid]) == {vid: (6, 6, 0)}
     assert _orders(direct) == 1
     with capsys.disabled():

@@ -48,7 +48,7 @@ def make_mess(client, c: Container, tag: str) -> list[int]:
     # holds that lapse with nobody listening (5 per variant)
     for vid in vids:
         for k in range(5):
-            c.stock.reserve(vid, f"{tag}lapse{vid}-{k}", 1, ttl_ms=30)
+            c.holds.reserve(vid, f"{tag}lapse{vid}-{k}", 1, ttl_ms=30)
     # counters that drifted, and counters that were lost
     c.redis.hincrby(keys.stock(vids[3]), "available", 5)
     c.redis.delete(keys.stock(vids[4]))
@@ -62,22 +62,22 @@ def outcome(c: Container, vids: list[int], tag: str) -> tuple:
     with c.sessions() as s:
         orders = sorted(sorted((vids.index(l.variant_id), l.quantity) for l in o.lines)
                         for o in s.scalars(select(Order).where(Order.user_id.like(f"{tag}%"))))
-    holds = c.stock.holds([(vid, f"{vid}~{tag}crash2") for vid in vids[4:6]])
+    holds = c.holds.holds([(vid, f"{vid}~{tag}crash2") for vid in vids[4:6]])
     return tuple(state[v] for v in vids), tuple(map(tuple, orders)), tuple(h and h.state for h in holds)
 
 
 def _settled(c: Container) -> None:
-    c.stock.sweep()
-    c.stock.reconcile(grace_ms=0)
-    assert c.stock.reconcile(grace_ms=0, dry_run=True).drifted == 0
+    c.sweeper.sweep()
+    c.reconciler.reconcile(grace_ms=0)
+    assert c.reconciler.reconcile(grace_ms=0, dry_run=True).drifted == 0
 
 
 def test_two_reconcilers_and_two_sweepers_at_once_give_the_same_result_as_one(base_env, build, capsys):
     client, c = build(base_env)
 
     one = make_mess(client, c, "a")
-    c.stock.sweep()
-    c.stock.reconcile(grace_ms=0)
+    c.sweeper.sweep()
+    c.reconciler.reconcile(grace_ms=0)
     _settled(c)
     expected = outcome(c, one, "a")
 
@@ -94,8 +94,8 @@ def test_two_reconcilers_and_two_sweepers_at_once_give_the_same_result_as_one(ba
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    jobs = [lambda k: k.stock.reconcile(grace_ms=0), lambda k: k.stock.reconcile(grace_ms=0),
-            lambda k: k.stock.sweep(), lambda k: k.stock.sweep()]
+    jobs = [lambda k: k.reconciler.reconcile(grace_ms=0), lambda k: k.reconciler.reconcile(grace_ms=0),
+            lambda k: k.sweeper.sweep(), lambda k: k.sweeper.sweep()]
     threads = [threading.Thread(target=run, args=(w, j)) for w, j in zip(workers, jobs)]
     started = time.monotonic()
     for t in threads:
@@ -124,8 +124,8 @@ def test_duplicate_reconcile_and_sweep_processes_and_jobs_give_the_same_result(b
     client, c = build(env)
     reference = make_mess(client, c, "r")
     time.sleep(1.1)  # the crashed checkouts' locks pass CHECKOUT_GRACE_SECONDS (1 s, the minimum)
-    c.stock.sweep()
-    c.stock.reconcile()
+    c.sweeper.sweep()
+    c.reconciler.reconcile()
     _settled(c)
     expected = outcome(c, reference, "r")
 

@@ -27,7 +27,7 @@ REDIS_PASSWORD = "faults-redis-password-0001"
 
 
 def _reserved(c, variant_ids) -> int:
-    return sum(x.reserved for x in c.stock.counters(variant_ids).values())
+    return sum(x.reserved for x in c.holds.counters(variant_ids).values())
 
 
 def _log(proc) -> str:
@@ -52,7 +52,7 @@ def test_the_sweeper_releases_a_burst_the_dead_listener_missed_and_the_listener_
            "API_KEYS": f"admin:{ADMIN_KEY},storefront:{STOREFRONT_KEY}"}
     _, c = build(env)
     variants = make_variants(c.sessions, 10, on_hand=40)
-    c.stock.counters(variants)
+    c.holds.counters(variants)
 
     listener = processes.inventory("listener", "listen", env)
     worker = processes.inventory("worker", "worker", env)
@@ -68,7 +68,7 @@ def test_the_sweeper_releases_a_burst_the_dead_listener_missed_and_the_listener_
     processes.kill(listener, signal.SIGKILL)
     started = time.monotonic()
     for i in range(BURST):
-        c.stock.reserve(variants[i % len(variants)], f"burst{i}", 1, ttl_ms=TTL_MS)
+        c.holds.reserve(variants[i % len(variants)], f"burst{i}", 1, ttl_ms=TTL_MS)
     created_in = time.monotonic() - started
     wait_for(lambda: _reserved(c, variants) == 0, timeout=15, interval=0.05,
              message="the sweeper to release the burst")
@@ -81,7 +81,7 @@ def test_the_sweeper_releases_a_burst_the_dead_listener_missed_and_the_listener_
     processes.kill(worker, signal.SIGTERM)
     processes.kill(scheduler, signal.SIGTERM)
     for i in range(50):
-        c.stock.reserve(variants[i % len(variants)], f"missed{i}", 1, ttl_ms=TTL_MS)
+        c.holds.reserve(variants[i % len(variants)], f"missed{i}", 1, ttl_ms=TTL_MS)
     lapse_at = clock.now_ms() + TTL_MS
     wait_for(lambda: clock.now_ms() > lapse_at + 300, timeout=5, message="the holds to lapse")
     assert _reserved(c, variants) == 50  # lapsed, events lost, still counted as reserved
@@ -129,7 +129,7 @@ def test_after_redis_restarts_empty_lapsed_holds_are_still_released_by_the_runni
     wait_for(lambda: "the schedule was missing" in _log(scheduler), timeout=30, interval=0.1,
              message="the scheduler to put back the schedule the empty Redis lost")
     for i in range(40):
-        c.stock.reserve(variants[i % len(variants)], f"after{i}", 1, ttl_ms=TTL_MS)
+        c.holds.reserve(variants[i % len(variants)], f"after{i}", 1, ttl_ms=TTL_MS)
     created = time.monotonic()
     wait_for(lambda: _reserved(c, variants) == 0, timeout=20, interval=0.05,
              message="lapsed holds released after the empty restart")

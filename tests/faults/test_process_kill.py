@@ -88,10 +88,10 @@ def test_a_web_process_killed_mid_checkout_is_healed_by_the_reconciler(point, ba
     assert "answer" not in outcome, outcome  # the shopper never got a 201 for it
 
     reconcile_started = time.monotonic()
-    first = c.stock.reconcile(grace_ms=0)
-    c.stock.reconcile(grace_ms=0)  # a second pass settles what the first unlocked or finalized
+    first = c.reconciler.reconcile(grace_ms=0)
+    c.reconciler.reconcile(grace_ms=0)  # a second pass settles what the first unlocked or finalized
     healed_in = time.monotonic() - reconcile_started
-    assert c.stock.reconcile(dry_run=True, grace_ms=0).drifted == 0
+    assert c.reconciler.reconcile(dry_run=True, grace_ms=0).drifted == 0
 
     with c.sessions() as s:
         orders = s.scalars(select(Order)).all()

@@ -26,10 +26,10 @@ def _ready(client) -> bool:
 def _settle(container, variant_ids):
     """What the periodic jobs do after a fault: sweep, then reconcile twice (the first pass may only
     resolve stale checkout locks). grace_ms=0: nothing is in flight any more."""
-    container.stock.sweep()
-    container.stock.reconcile(grace_ms=0)
-    container.stock.reconcile(grace_ms=0)
-    check = container.stock.reconcile(variant_ids, dry_run=True, grace_ms=0)
+    container.sweeper.sweep()
+    container.reconciler.reconcile(grace_ms=0)
+    container.reconciler.reconcile(grace_ms=0)
+    check = container.reconciler.reconcile(variant_ids, dry_run=True, grace_ms=0)
     assert check.drifted == 0 and check.skipped == 0, check.as_dict()
 
 
@@ -131,7 +131,7 @@ def test_redis_restarted_empty_rebuilds_counters_and_oversells_nothing(base_env,
 
     # Nothing oversold afterwards: buy everything that is left, then not one unit more.
     for n, vid in enumerate(variants):
-        left = c.stock.counters([vid])[vid].available
+        left = c.holds.counters([vid])[vid].available
         if left:
             buyer = f"sweeper{n}"
             assert client.post("/api/cart/add/", json={"user_id": buyer, "variant_id": vid,
@@ -162,6 +162,6 @@ def test_the_per_customer_limit_survives_redis_restarted_empty(base_env, build, 
     assert client.post("/api/cart/capped/checkout/").status_code == 201  # two ordered: the cap is reached
     own_redis.restart(server, persist=False)
     wait_for(lambda: _ready(client), timeout=15, message="/readyz after the empty restart")
-    c.stock.reconcile(grace_ms=0)
+    c.reconciler.reconcile(grace_ms=0)
     again = client.post("/api/cart/add/", json={"user_id": "capped", "variant_id": vid, "quantity": 1})
     assert again.status_code == 400 and again.get_json()["error"]["code"] == "limit_exceeded"

@@ -201,7 +201,7 @@ def test_the_per_customer_cap_holds_under_a_concurrent_burst_from_one_customer(a
     refused = [r for _, r in results if r.status_code != 201]
     assert all(r.status_code == 400 and r.get_json()["error"]["code"] in ("limit_exceeded",) for r in refused), \
         [r.get_json() for r in refused]
-    held = c.stock.counters([vid])[vid].reserved
+    held = c.holds.counters([vid])[vid].reserved
     assert held == sum(won) <= cap
     if quantities == [1] * 24:
         assert len(won) == cap  # exactly the cap succeeds

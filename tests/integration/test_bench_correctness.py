@@ -30,7 +30,7 @@ def test_sixteen_processes_racing_for_a_hundred_units_get_exactly_a_hundred_thro
                 end="",
             )
         print()
-    engine = by_seller["engine (StockEngine.reserve)"]
+    engine = by_seller["engine (Holds.reserve)"]
     assert engine["sold"] == STOCK
     assert engine["oversold"] == 0
     assert engine["invariant"]["ok"], engine["invariant"]["problems"]

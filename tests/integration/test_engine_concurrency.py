@@ -13,7 +13,7 @@ from collections import Counter
 
 from app import keys
 from app.errors import InsufficientStock
-from app.stock import hold_id_for
+from app.engine.holdrec import hold_id_for
 from tests.conftest import wait_for
 from tests.factories import make_variant, on_hand
 
@@ -57,7 +57,7 @@ class Sampler(threading.Thread):
 # --- threads ------------------------------------------------------------------------------------
 
 def test_ten_shoppers_racing_for_five_units_leave_exactly_five_sold(container, sessions, redis_client):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     engine.counters([vid])
     barrier = threading.Barrier(10)
@@ -83,7 +83,7 @@ def test_ten_shoppers_racing_for_five_units_leave_exactly_five_sold(container, s
 
 
 def test_adds_from_many_threads_into_one_hold_count_every_unit_once(container, sessions, redis_client):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=30)
     engine.counters([vid])
     barrier = threading.Barrier(8)
@@ -117,7 +117,7 @@ def _storm_worker(env: dict, vid: int, index: int, seconds: float, ready, result
     from app.settings import load_settings
 
     container = Container(load_settings(env))
-    engine = container.stock
+    engine = container.holds
     rng = random.Random(index)
     users = [f"p{index}-u{k}" for k in range(3)]
     held: dict[str, int] = {}
@@ -157,7 +157,7 @@ def _storm_worker(env: dict, vid: int, index: int, seconds: float, ready, result
 
 def test_a_storm_of_sixteen_processes_never_oversells_and_keeps_every_hold(
         container, sessions, redis_client, env):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=40)
     engine.counters([vid])
     ctx = multiprocessing.get_context("fork")
@@ -201,12 +201,12 @@ def test_a_storm_of_sixteen_processes_never_oversells_and_keeps_every_hold(
     assert len(sampler.samples) > 50
     assert min(a for a, _ in sampler.samples) >= 0
     assert {a + r for a, r in sampler.samples} == {40}
-    assert engine.reconcile([vid]).drifted == 0
+    assert container.reconciler.reconcile([vid]).drifted == 0
 
 
 def test_lapsed_holds_released_by_several_paths_at_once_come_back_exactly_once(
         container, sessions, redis_client):
-    engine = container.stock
+    engine = container.holds
     vids = [make_variant(sessions, on_hand=100) for _ in range(2)]
     t0 = 1_000_000  # a fixed clock: every hold lapses at t0 + 1000
     pairs = []
@@ -219,11 +219,11 @@ def test_lapsed_holds_released_by_several_paths_at_once_come_back_exactly_once(
 
     def sweeper():
         barrier.wait()
-        released.append(engine.sweep(now=later).units)
+        released.append(container.sweeper.sweep(now=later).units)
 
     def listener_path(order):
         barrier.wait()
-        released.append(sum(units for units, _ in engine.release_lapsed(order, now=later)))
+        released.append(container.sweeper.sweep_variants([vid for vid, _ in order], now=later).units)
 
     def expiry_only_release(order):
         barrier.wait()

@@ -73,7 +73,7 @@ def subscriber_ids(redis_client) -> set[str]:
 
 def test_the_listener_releases_a_lapsed_hold_within_two_seconds_of_its_ttl(
         container, sessions, start_listener):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     listener = start_listener()
     t0 = clock.now_ms()
@@ -89,7 +89,7 @@ def test_the_listener_releases_a_lapsed_hold_within_two_seconds_of_its_ttl(
 
 def test_a_thousand_holds_lapsing_at_once_all_come_back_through_the_listener(
         container, sessions, start_listener, redis_client):
-    engine = container.stock
+    engine = container.holds
     vids = make_variants(sessions, 10, on_hand=100)
     listener = start_listener()
     t0 = clock.now_ms()
@@ -107,7 +107,7 @@ def test_a_thousand_holds_lapsing_at_once_all_come_back_through_the_listener(
 
 def test_the_listener_retries_a_hold_whose_event_came_before_its_expiry_by_this_clock(
         container, sessions, start_listener):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     listener = start_listener()
     t0 = clock.now_ms()
@@ -119,7 +119,7 @@ def test_the_listener_retries_a_hold_whose_event_came_before_its_expiry_by_this_
 
 
 def test_the_listener_sweeps_what_lapsed_before_it_started(container, sessions, start_listener, redis_client):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     past = clock.now_ms() - 60_000
     r = engine.reserve(vid, "u1", 2, now=past, ttl_ms=1_000)
@@ -132,7 +132,7 @@ def test_the_listener_sweeps_what_lapsed_before_it_started(container, sessions, 
 def test_the_listener_survives_its_connection_being_killed_and_loses_no_hold(
         container, sessions, start_listener, redis_client, caplog):
     caplog.set_level(logging.WARNING, logger="jobs.listener")
-    engine = container.stock
+    engine = container.holds
     quiet, live = make_variant(sessions, on_hand=10), make_variant(sessions, on_hand=10)
     others = subscriber_ids(redis_client)  # other clients of a shared server are left alone
     listener = start_listener()
@@ -182,8 +182,8 @@ def test_a_listener_on_a_server_with_notifications_off_turns_them_on_keeping_oth
             flags = c.redis.config_get("notify-keyspace-events")["notify-keyspace-events"]
             assert {"K", "g", "E", "x"} <= set(flags)
             vid = make_variant(sessions, on_hand=5)
-            c.stock.reserve(vid, "u1", 2, ttl_ms=200)
-            wait_for(lambda: c.stock.counters([vid])[vid].available == 5, timeout=5,
+            c.holds.reserve(vid, "u1", 2, ttl_ms=200)
+            wait_for(lambda: c.holds.counters([vid])[vid].available == 5, timeout=5,
                      message="the hold's units")
             assert released_by(listener, 2) == (1, 2)
         finally:
@@ -196,7 +196,7 @@ def test_a_listener_on_a_server_with_notifications_off_turns_them_on_keeping_oth
 
 def test_with_no_listener_running_the_sweeper_alone_releases_lapsed_holds(
         container, sessions, sweeper, redis_client):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     r = engine.reserve(vid, "u1", 2, ttl_ms=200)
     engine.reserve(vid, "u2", 1, ttl_ms=60_000)
@@ -213,7 +213,7 @@ def test_with_no_listener_running_the_sweeper_alone_releases_lapsed_holds(
 
 
 def test_a_thousand_lapsed_holds_all_come_back_in_one_sweep(container, sessions):
-    engine = container.stock
+    engine = container.holds
     big, *small = make_variants(sessions, 5, on_hand=1_000)
     t0 = clock.now_ms()
     for i in range(960):
@@ -221,8 +221,8 @@ def test_a_thousand_lapsed_holds_all_come_back_in_one_sweep(container, sessions)
     for vid in small:
         for i in range(10):
             engine.reserve(vid, f"user-{i}", 1, now=t0)
-    assert engine.sweep(now=t0 + engine.ttl_ms - 1).holds == 0
-    report = engine.sweep(now=t0 + engine.ttl_ms)
+    assert container.sweeper.sweep(now=t0 + engine.ttl_ms - 1).holds == 0
+    report = container.sweeper.sweep(now=t0 + engine.ttl_ms)
     assert (report.holds, report.units) == (1_000, 1_000)
     assert all((c.available, c.reserved, c.active_holds) == (1_000, 0, 0)
                for c in engine.counters([big, *small]).values())
@@ -230,20 +230,20 @@ def test_a_thousand_lapsed_holds_all_come_back_in_one_sweep(container, sessions)
 
 def test_a_sweep_comes_back_in_the_same_call_for_a_variant_with_more_due_than_one_script_releases(
          container, sessions, monkeypatch):
-    monkeypatch.setattr("app.stock.SWEEP_SCRIPT_LIMIT", 3)
-    engine = container.stock
+    monkeypatch.setattr("app.engine.expiry.SWEEP_SCRIPT_LIMIT", 3)
+    engine = container.holds
     vid = make_variant(sessions, on_hand=20)
     t0 = clock.now_ms()
     for i in range(10):
         engine.reserve(vid, f"user-{i}", 1, now=t0, ttl_ms=1_000)
-    report = engine.sweep(now=t0 + 1_000)
+    report = container.sweeper.sweep(now=t0 + 1_000)
     assert (report.holds, report.units) == (10, 10)
     assert engine.counters([vid])[vid].available == 20
 
 
 def test_holds_lapsing_during_a_storm_with_listener_and_sweeper_both_running_come_back_exactly_once(
          container, sessions, start_listener):
-    engine = container.stock
+    engine = container.holds
     vid = make_variant(sessions, on_hand=30)
     listener = start_listener()
     stop = threading.Event()
@@ -267,7 +267,7 @@ def test_holds_lapsing_during_a_storm_with_listener_and_sweeper_both_running_com
     def sweeper():
         try:
             while not stop.is_set():
-                engine.sweep()
+                container.sweeper.sweep()
         except BaseException as exc:
             errors.append(exc)
 
@@ -297,7 +297,7 @@ def test_holds_lapsing_during_a_storm_with_listener_and_sweeper_both_running_com
 def test_holds_come_back_within_a_second_beside_thousands_of_live_holds(container, sessions, start_listener):
     """Redis expires timer keys by sampling: beside thousands of live ones it finds a lapsed one
     seconds late, so its event comes late. The listener's sweep of the due hints does not wait."""
-    engine = container.stock
+    engine = container.holds
     crowd = make_variant(sessions, on_hand=5_000)
     quick = make_variant(sessions, on_hand=50)
     for i in range(3_000):

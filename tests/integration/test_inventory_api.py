@@ -32,13 +32,13 @@ def db_version(sessions, vid) -> int:
 
 def snapshot(container, sessions, redis_client, vid) -> tuple:
     """Everything an adjustment could change, to show a refused one changed nothing."""
-    c = container.stock.counters([vid])[vid]
+    c = container.holds.counters([vid])[vid]
     return (on_hand(sessions, vid), db_version(sessions, vid), ledger(sessions, vid),
             c.available, c.reserved, c.version, redis_client.hget(keys.stock(vid), "adj_pending"))
 
 
 def assert_in_step(container, sessions, vid) -> None:
-    c = container.stock.counters([vid])[vid]
+    c = container.holds.counters([vid])[vid]
     assert c.available + c.reserved == on_hand(sessions, vid)
     assert c.version == db_version(sessions, vid)
 
@@ -52,8 +52,8 @@ def vid(sessions) -> int:
 
 def test_the_stock_list_shows_on_hand_beside_the_live_counters(client, container, sessions, vid):
     other = make_variant(sessions, on_hand=4)
-    container.stock.reserve(vid, "u1", 3, ttl_ms=TTL)
-    container.stock.reserve(vid, "u2", 1, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 3, ttl_ms=TTL)
+    container.holds.reserve(vid, "u2", 1, ttl_ms=TTL)
     response = client.get("/api/inventory/")
     assert response.status_code == 200
     body = response.get_json()
@@ -74,7 +74,7 @@ def test_the_stock_list_pages(client, sessions, vid):
 
 
 def test_one_variants_stock_row_is_live(client, container, vid):
-    container.stock.reserve(vid, "u1", 2, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 2, ttl_ms=TTL)
     body = client.get(f"/api/inventory/{vid}/").get_json()
     fields = ("variant_id", "on_hand", "available", "reserved", "active_holds")
     assert tuple(body[f] for f in fields) == (vid, 10, 8, 2, 1)
@@ -97,7 +97,7 @@ def test_an_unknown_variant_is_404_for_every_inventory_route(client, sessions, v
 
 def test_adjusting_changes_the_database_and_the_counters_together_with_a_ledger_row(
         client, container, sessions, vid):
-    container.stock.reserve(vid, "u1", 2, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 2, ttl_ms=TTL)
     response = client.post(f"/api/inventory/{vid}/adjust/", json={"delta": 5, "reason": "restock"})
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
@@ -114,7 +114,7 @@ def test_adjusting_changes_the_database_and_the_counters_together_with_a_ledger_
 
 def test_setting_on_hand_changes_both_stores_and_writes_the_difference_to_the_ledger(
         client, container, sessions, vid):
-    container.stock.reserve(vid, "u1", 2, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 2, ttl_ms=TTL)
     response = client.put(f"/api/inventory/{vid}/", json={"on_hand": 4, "reason": "stock count"})
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
@@ -130,7 +130,7 @@ def test_setting_on_hand_changes_both_stores_and_writes_the_difference_to_the_le
 
 def test_an_adjustment_that_would_make_available_negative_is_409_and_changes_nothing(
         client, container, sessions, redis_client, vid):
-    container.stock.reserve(vid, "u1", 8, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 8, ttl_ms=TTL)
     before = snapshot(container, sessions, redis_client, vid)
     response = client.post(f"/api/inventory/{vid}/adjust/", json={"delta": -3, "reason": "shrinkage"})
     assert response.status_code == 409
@@ -155,7 +155,7 @@ def test_an_adjustment_that_would_make_available_negative_is_409_and_changes_not
 ])
 def test_an_invalid_change_is_a_validation_error_and_writes_nothing(
         client, container, sessions, redis_client, vid, route, method, body):
-    container.stock.reserve(vid, "u1", 1, ttl_ms=TTL)
+    container.holds.reserve(vid, "u1", 1, ttl_ms=TTL)
     before = snapshot(container, sessions, redis_client, vid)
     response = getattr(client, method)(f"/api/inventory/{vid}/{route}", json=body)
     assert response.status_code == 400
@@ -182,7 +182,7 @@ def test_concurrent_adjustments_each_land_once_in_both_stores_and_the_ledger(app
     assert statuses == [200] * 24
     assert on_hand(sessions, vid) == 34
     assert [row[1] for row in ledger(sessions, vid)[1:]] == list(range(11, 35))
-    c = container.stock.counters([vid])[vid]
+    c = container.holds.counters([vid])[vid]
     assert (c.available, c.reserved, c.version) == (34, 0, 24)
     assert_in_step(container, sessions, vid)
 

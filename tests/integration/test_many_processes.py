@@ -118,7 +118,7 @@ def test_doubled_processes_release_and_repair_exactly_once(stack):
 
     # every hold that was not checked out lapses (TTL 3 s) and comes back exactly once
     def all_back() -> bool:
-        counters = container.stock.counters(variants)
+        counters = container.holds.counters(variants)
         return all(c.reserved == 0 and c.available == 40 - sold[v] for v, c in counters.items())
 
     wait_for(all_back, timeout=15, interval=0.2, message="every lapsed hold to come back once")
@@ -129,10 +129,10 @@ def test_doubled_processes_release_and_repair_exactly_once(stack):
 
     # one drift, two workers and two schedulers: it is repaired once and the counters end exact
     container.redis.hincrby(f"inv:stock:{{v{variants[0]}}}", "available", 5)
-    wait_for(lambda: container.stock.counters([variants[0]])[variants[0]].available == 40 - sold[variants[0]],
+    wait_for(lambda: container.holds.counters([variants[0]])[variants[0]].available == 40 - sold[variants[0]],
              timeout=15, interval=0.2, message="the reconciler to repair the drift")
     worker_logs = "".join(logs[f"worker-{i}"].read_text() for i in (1, 2))
     assert worker_logs.count("found drift in 1 variant") == 1, worker_logs[-3000:]
     assert all(c.available + c.reserved == on_hand(container.sessions, v)
-               for v, c in container.stock.counters(variants).items())
+               for v, c in container.holds.counters(variants).items())
     assert all(proc.poll() is None for proc in procs.values()), {n: p.poll() for n, p in procs.items()}

@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 from app import clock, keys
 from app.cli import main as cli
 from app.errors import InsufficientStock, NotFound, StockBelowReserved
-from app.services import inventory
-from app.stock import Finalization, hold_id_for
+from app.engine.holdrec import hold_id_for
+from app.engine.holds import Finalization
 from persistence.models import Order, Stock
 from tests.factories import make_variant, on_hand
 
@@ -56,7 +56,12 @@ def order_commits(sessions, vid, qty, token, user="u1", with_order=True) -> int:
 
 @pytest.fixture
 def engine(container):
-    return container.stock
+    return container.holds
+
+
+@pytest.fixture
+def reconciler(container):
+    return container.reconciler
 
 
 @pytest.fixture
@@ -71,13 +76,13 @@ def two_drifted(engine, sessions, redis_client):
 
 # --- drift --------------------------------------------------------------------------------------
 
-def test_drift_injected_into_the_counters_is_found_and_repaired(engine, sessions, redis_client):
+def test_drift_injected_into_the_counters_is_found_and_repaired(engine, sessions, redis_client, reconciler):
     clean, drifted = make_variant(sessions, on_hand=10), make_variant(sessions, on_hand=10)
     for vid in (clean, drifted):
         engine.reserve(vid, "u1", 2, ttl_ms=TTL)
     redis_client.hincrby(keys.stock(drifted), "available", 3)
     redis_client.hincrby(keys.stock(drifted), "reserved", 1)
-    report = engine.reconcile()
+    report = reconciler.reconcile()
     assert (report.checked, report.drifted, report.repaired, report.skipped) == (2, 1, 1, 0)
     assert sorted(report.rows, key=lambda r: r["field"]) == [
         {"variant_id": drifted, "field": "available", "expected": 8, "actual": 11},
@@ -85,43 +90,43 @@ def test_drift_injected_into_the_counters_is_found_and_repaired(engine, sessions
     ]
     assert counts(engine, drifted) == (8, 2)
     assert_invariant(engine, sessions, redis_client, drifted)
-    assert engine.reconcile().drifted == 0
+    assert reconciler.reconcile().drifted == 0
 
 
-def test_a_dry_run_reports_the_drift_and_repairs_nothing(engine, two_drifted):
+def test_a_dry_run_reports_the_drift_and_repairs_nothing(engine, two_drifted, reconciler):
     a, b = two_drifted
-    report = engine.reconcile(dry_run=True)
+    report = reconciler.reconcile(dry_run=True)
     assert (report.checked, report.drifted, report.repaired) == (2, 2, 0)
     assert {(r["variant_id"], r["field"], r["expected"], r["actual"]) for r in report.rows} == {
         (a, "available", 8, 11), (b, "available", 8, 11)}
     assert counts(engine, a) == counts(engine, b) == (11, 2)
-    assert engine.reconcile(dry_run=True).drifted == 2
+    assert reconciler.reconcile(dry_run=True).drifted == 2
 
 
-def test_reconciling_given_variants_leaves_the_others_alone(engine, two_drifted):
+def test_reconciling_given_variants_leaves_the_others_alone(engine, two_drifted, reconciler):
     a, b = two_drifted
-    report = engine.reconcile([a])
+    report = reconciler.reconcile([a])
     assert (report.checked, report.repaired) == (1, 1)
     assert counts(engine, a) == (8, 2)
     assert counts(engine, b) == (11, 2)
 
 
-def test_reconciling_an_unknown_variant_is_refused(engine, two_drifted):
+def test_reconciling_an_unknown_variant_is_refused(engine, two_drifted, reconciler):
     with pytest.raises(NotFound):
-        engine.reconcile([two_drifted[0], 999_999])
+        reconciler.reconcile([two_drifted[0], 999_999])
 
 
 def test_counters_missing_from_redis_are_rebuilt_by_the_reconciler_and_a_dry_run_only_reports(
-         engine, sessions, redis_client):
+         engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     engine.reserve(vid, "u1", 4, ttl_ms=TTL)
     redis_client.delete(keys.stock(vid))
-    dry = engine.reconcile([vid], dry_run=True)
+    dry = reconciler.reconcile([vid], dry_run=True)
     assert (dry.drifted, dry.repaired) == (1, 0)
     assert {r["field"]: (r["expected"], r["actual"]) for r in dry.rows} == {"available": (6, None),
                                                                            "reserved": (4, None)}
     assert redis_client.exists(keys.stock(vid)) == 0
-    assert engine.reconcile([vid]).repaired == 1
+    assert reconciler.reconcile([vid]).repaired == 1
     assert counts(engine, vid) == (6, 4)
 
 
@@ -192,65 +197,65 @@ def test_post_reconcile_refuses_a_dry_run_that_is_not_a_boolean(client, two_drif
 # --- the windows of DESIGN.md ---------------------------------------------------------------------
 
 def test_between_the_order_commit_and_finalize_the_reconciler_does_not_count_the_units_twice(
-         engine, sessions, redis_client):
+         engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     r = engine.reserve(vid, "u1", 3, ttl_ms=TTL)
     locked = engine.lock_many([(vid, r.hold_id)], "tok-a")[0]
     new_version = order_commits(sessions, vid, 3, "tok-a")
     assert on_hand(sessions, vid) == 7
 
-    report = engine.reconcile()
+    report = reconciler.reconcile()
     assert (report.skipped, report.drifted, report.locks_finalized) == (1, 0, 0)
     assert counts(engine, vid) == (7, 3)  # untouched: not repaired to 7 - 3 = 4
 
     assert engine.finalize_many([Finalization(vid, r.hold_id, locked.gen, 3, "u1", new_version)]) == [1]
-    report = engine.reconcile()
+    report = reconciler.reconcile()
     assert (report.skipped, report.drifted) == (0, 0)
     assert counts(engine, vid) == (7, 0)
     assert_invariant(engine, sessions, redis_client, vid)
 
 
-def test_while_an_adjustment_is_half_way_the_reconciler_skips_the_variant(engine, sessions, redis_client):
+def test_while_an_adjustment_is_half_way_the_reconciler_skips_the_variant(engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     engine.reserve(vid, "u1", 2, ttl_ms=TTL)
     engine.adjust_phase(vid, "begin", -3)  # Redis half done, database not yet
-    report = engine.reconcile()
+    report = reconciler.reconcile()
     assert (report.skipped, report.drifted, report.skipped_ids) == (1, 0, [vid])
     assert counts(engine, vid) == (5, 2)  # not "repaired" back to 8 from the old on_hand
 
     with sessions.begin() as s:
         s.execute(update(Stock).where(Stock.variant_id == vid)
                   .values(on_hand=Stock.on_hand - 3, version=Stock.version + 1))
-    assert engine.reconcile().skipped == 1  # database done, Redis commit not yet
+    assert reconciler.reconcile().skipped == 1  # database done, Redis commit not yet
     engine.adjust_phase(vid, "commit", -3)
-    report = engine.reconcile()
+    report = reconciler.reconcile()
     assert (report.skipped, report.drifted) == (0, 0)
     assert_invariant(engine, sessions, redis_client, vid)
 
 
 def test_an_adjustment_that_died_half_way_is_repaired_once_it_is_older_than_grace(
-        engine, sessions, redis_client):
+        engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     t0 = clock.now_ms()
     engine.adjust_phase(vid, "begin", 5, now=t0)
     with sessions.begin() as s:  # the database half committed, then the process died
         s.execute(update(Stock).where(Stock.variant_id == vid).values(on_hand=15, version=1))
-    assert engine.reconcile(now=t0 + 1_000, grace_ms=5_000).skipped == 1
-    report = engine.reconcile(now=t0 + 5_000, grace_ms=5_000)
+    assert reconciler.reconcile(now=t0 + 1_000, grace_ms=5_000).skipped == 1
+    report = reconciler.reconcile(now=t0 + 5_000, grace_ms=5_000)
     assert (report.skipped, report.repaired) == (0, 1)
     assert redis_client.hget(keys.stock(vid), "adj_pending") == "0"
     assert_invariant(engine, sessions, redis_client, vid)
     assert counts(engine, vid) == (15, 0)
 
 
-def test_a_stale_lock_whose_order_exists_is_finalized_by_the_reconciler(engine, sessions, redis_client):
+def test_a_stale_lock_whose_order_exists_is_finalized_by_the_reconciler(engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     r = engine.reserve(vid, "u1", 3, ttl_ms=TTL)
     engine.reserve(vid, "u2", 1, ttl_ms=TTL)
     assert engine.lock_many([(vid, r.hold_id)], "tok-crashed")[0].ok
     order_commits(sessions, vid, 3, "tok-crashed")  # ... and the checkout died before finalizing
 
-    report = engine.reconcile(grace_ms=0)
+    report = reconciler.reconcile(grace_ms=0)
     assert (report.locks_finalized, report.locks_released, report.drifted, report.skipped) == (1, 0, 0, 0)
     assert engine.holds([(vid, r.hold_id)]) == [None]
     assert counts(engine, vid) == (6, 1)
@@ -258,15 +263,15 @@ def test_a_stale_lock_whose_order_exists_is_finalized_by_the_reconciler(engine, 
 
 
 def test_a_stale_lock_with_no_order_is_unlocked_and_one_that_lapsed_meanwhile_released(
-        engine, sessions, redis_client):
+        engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     t0 = clock.now_ms()
     kept = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
     lapsing = engine.reserve(vid, "u2", 2, now=t0, ttl_ms=1_000)
     engine.lock_many([(vid, kept.hold_id), (vid, lapsing.hold_id)], "tok-never-committed", now=t0)
 
-    assert engine.reconcile(now=t0 + 999, grace_ms=1_000).locks_released == 0  # not stale yet
-    report = engine.reconcile(now=t0 + 1_000, grace_ms=1_000)
+    assert reconciler.reconcile(now=t0 + 999, grace_ms=1_000).locks_released == 0  # not stale yet
+    report = reconciler.reconcile(now=t0 + 1_000, grace_ms=1_000)
     assert (report.locks_finalized, report.locks_released, report.drifted) == (0, 2, 0)
     h = engine.holds([(vid, kept.hold_id)])[0]
     assert (h.state, h.quantity) == ("held", 3)
@@ -275,18 +280,18 @@ def test_a_stale_lock_with_no_order_is_unlocked_and_one_that_lapsed_meanwhile_re
     assert_invariant(engine, sessions, redis_client, vid)
 
 
-def test_a_dry_run_resolves_no_stale_lock(engine, sessions):
+def test_a_dry_run_resolves_no_stale_lock(engine, sessions, reconciler):
     vid = make_variant(sessions, on_hand=10)
     r = engine.reserve(vid, "u1", 3, ttl_ms=TTL)
     engine.lock_many([(vid, r.hold_id)], "tok-x")
     order_commits(sessions, vid, 3, "tok-x")
-    report = engine.reconcile(dry_run=True, grace_ms=0)
+    report = reconciler.reconcile(dry_run=True, grace_ms=0)
     assert (report.locks_finalized, report.skipped) == (0, 1)
     assert engine.holds([(vid, r.hold_id)])[0].state == "locked"
 
 
 def test_an_order_whose_hold_vanished_is_taken_from_available_and_reconciles_clean(
-        engine, sessions, redis_client):
+        engine, sessions, redis_client, reconciler):
     vid = make_variant(sessions, on_hand=10)
     r = engine.reserve(vid, "u1", 3, ttl_ms=TTL)
     locked = engine.lock_many([(vid, r.hold_id)], "tok-a")[0]
@@ -295,7 +300,7 @@ def test_an_order_whose_hold_vanished_is_taken_from_available_and_reconciles_cle
     redis_client.hincrby(keys.stock(vid), "reserved", -3)
     redis_client.hincrby(keys.stock(vid), "available", 3)
     assert engine.finalize_many([Finalization(vid, r.hold_id, locked.gen, 3, "u1", new_version)]) == [2]
-    assert engine.reconcile().drifted == 0
+    assert reconciler.reconcile().drifted == 0
     assert counts(engine, vid) == (7, 0)
     assert_invariant(engine, sessions, redis_client, vid)
 
@@ -303,7 +308,7 @@ def test_an_order_whose_hold_vanished_is_taken_from_available_and_reconciles_cle
 # --- Redis comes back empty -------------------------------------------------------------------------
 
 def test_after_redis_is_flushed_counters_rebuild_from_the_database_and_no_unit_sells_twice(
-         engine, sessions, redis_client):
+         engine, sessions, redis_client, reconciler):
     vid, other = make_variant(sessions, on_hand=6), make_variant(sessions, on_hand=4)
     for i in range(3):
         engine.reserve(vid, f"u{i}", 2, ttl_ms=TTL)
@@ -325,13 +330,13 @@ def test_after_redis_is_flushed_counters_rebuild_from_the_database_and_no_unit_s
         engine.reserve(other, "u10", 1, ttl_ms=TTL)
     for v in (vid, other):
         assert_invariant(engine, sessions, redis_client, v)
-    assert engine.reconcile().drifted == 0
+    assert reconciler.reconcile().drifted == 0
 
 
 def test_a_hold_from_before_the_flush_cannot_be_checked_out(engine, sessions):
     vid = make_variant(sessions, on_hand=5)
     r = engine.reserve(vid, "u1", 2, ttl_ms=TTL)
-    engine.redis.flushdb()
+    engine.runner.redis.flushdb()
     res = engine.lock_many([(vid, r.hold_id)], "tok")[0]
     assert (res.ok, res.reason) == (False, "missing")
     assert counts(engine, vid) == (5, 0)
@@ -340,7 +345,7 @@ def test_a_hold_from_before_the_flush_cannot_be_checked_out(engine, sessions):
 # --- reconciling while shoppers keep going -----------------------------------------------------------
 
 def test_reconciling_in_a_loop_during_a_storm_of_reserves_checkouts_and_adjustments_changes_nothing(
-        container, engine, sessions, redis_client):
+        container, engine, sessions, redis_client, reconciler):
     vids = [make_variant(sessions, on_hand=30), make_variant(sessions, on_hand=30)]
     engine.counters(vids)
     stop = threading.Event()
@@ -371,7 +376,7 @@ def test_reconciling_in_a_loop_during_a_storm_of_reserves_checkouts_and_adjustme
         try:
             while not stop.is_set():
                 try:
-                    inventory.adjust(container, rng.choice(vids), rng.choice((1, -1)), "count", "test")
+                    container.inventory.adjust(rng.choice(vids), rng.choice((1, -1)), "count", "test")
                 except StockBelowReserved:
                     pass
         except BaseException as exc:
@@ -398,17 +403,17 @@ def test_reconciling_in_a_loop_during_a_storm_of_reserves_checkouts_and_adjustme
         except BaseException as exc:
             errors.append(exc)
 
-    def reconciler():
+    def reconcile_loop():
         try:
             while not stop.is_set():
-                reports.append(engine.reconcile())
+                reports.append(reconciler.reconcile())
         except BaseException as exc:
             errors.append(exc)
 
     orders: list[int] = []
     threads = [threading.Thread(target=shopper, args=(n,)) for n in range(6)]
     threads += [threading.Thread(target=adjuster), threading.Thread(target=checkout),
-                threading.Thread(target=reconciler)]
+                threading.Thread(target=reconcile_loop)]
     for t in threads:
         t.start()
     time.sleep(2.0)  # the storm's length, not a wait for a condition
@@ -426,5 +431,5 @@ def test_reconciling_in_a_loop_during_a_storm_of_reserves_checkouts_and_adjustme
         holds = assert_invariant(engine, sessions, redis_client, vid)
         assert holds == {hid: q for per in expected.values() for hid, q in per.items()
                          if hid.startswith(f"{vid}~")}
-    final = engine.reconcile()
+    final = reconciler.reconcile()
     assert (final.drifted, final.skipped) == (0, 0)

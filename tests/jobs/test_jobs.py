@@ -69,7 +69,7 @@ def test_installing_the_schedule_twice_leaves_two_jobs_not_four(scheduler, setti
 
 def test_due_scheduled_jobs_are_enqueued_and_a_burst_worker_runs_them(
         jobs_container, scheduler, settings, sessions, rq_redis):
-    engine = jobs_container.stock
+    engine = jobs_container.holds
     vid = make_variant(sessions, on_hand=5)
     lapsed_holds(engine, vid)
     install_schedule(scheduler, settings)
@@ -87,7 +87,7 @@ def test_due_scheduled_jobs_are_enqueued_and_a_burst_worker_runs_them(
 # --- the jobs -------------------------------------------------------------------------------------
 
 def test_the_sweep_job_releases_lapsed_holds_through_an_rq_queue(jobs_container, sessions, rq_redis):
-    engine = jobs_container.stock
+    engine = jobs_container.holds
     vid = make_variant(sessions, on_hand=5)
     engine.reserve(vid, "current", 1)  # first: a reserve reclaims the variant's lapsed holds
     lapsed_holds(engine, vid)
@@ -99,7 +99,7 @@ def test_the_sweep_job_releases_lapsed_holds_through_an_rq_queue(jobs_container,
 
 def test_the_reconcile_job_repairs_drift_and_in_a_dry_run_only_reports_it(
         jobs_container, sessions, redis_client):
-    engine = jobs_container.stock
+    engine = jobs_container.holds
     a, b = make_variant(sessions, on_hand=5), make_variant(sessions, on_hand=5)
     engine.counters([a, b])
     for vid in (a, b):
@@ -114,7 +114,7 @@ def test_the_reconcile_job_repairs_drift_and_in_a_dry_run_only_reports_it(
 
 def test_a_job_skips_while_another_run_holds_its_lock_and_frees_only_its_own(
         jobs_container, sessions, redis_client):
-    engine = jobs_container.stock
+    engine = jobs_container.holds
     vid = make_variant(sessions, on_hand=5)
     lapsed_holds(engine, vid)
     redis_client.set(keys.sweep_lock(), "someone-else", px=60_000)

@@ -1,9 +1,11 @@
-"""The Lua scripts of lua/ on a real Redis: every return code, through StockEngine or the script itself.
+"""The Lua scripts of lua/ on a real Redis: every return code, through the engine (app/engine/) or the script
+itself, run by the one runner.
 
 Time is passed in (`now=`), never slept through: each test takes one `T0` and moves it by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -12,15 +14,28 @@ from redis.crc import key_slot
 
 from app import clock, keys
 from app.errors import InsufficientStock, LimitExceeded, StockBelowReserved
-from app.stock import CheckoutInProgress, Finalization, StockEngine, hold_id_for
+from app.composition import Container
+from app.engine.holdrec import hold_id_for
+from app.engine.holds import Finalization, Holds, variant_keys
+from app.errors import CheckoutInProgress
 from tests.factories import make_variant
 
 TTL = 60_000
 
 
 @pytest.fixture
-def engine(container) -> StockEngine:
-    return container.stock
+def engine(container) -> Holds:
+    return container.holds
+
+
+@pytest.fixture
+def sweeper(container):
+    return container.sweeper
+
+
+@pytest.fixture
+def reconciler(container):
+    return container.reconciler
 
 
 @pytest.fixture
@@ -55,11 +70,11 @@ INDEXED = {"reserveHold", "sweepHolds", "reconcileStock"}  # these also keep the
 
 def run(engine, name, vid, args, n_keys=None):
     if name in INDEXED:
-        ks = engine._indexed_keys(vid)
+        ks = engine.indexed_keys(vid)
     else:
-        ks = StockEngine._variant_keys(vid)
+        ks = variant_keys(vid)
         ks = ks[:n_keys] if n_keys else ks
-    return engine.scripts[name](keys=ks, args=args)
+    return engine.runner.call(name, ks, args)
 
 
 # --- reserve ----------------------------------------------------------------------------------
@@ -204,10 +219,9 @@ def test_release_in_expired_mode_leaves_a_hold_that_is_not_yet_due(engine, vid, 
     r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
     not_due = run(engine, "releaseHold", vid, [r.hold_id, t0 + 999, "expired", ""])
     assert not_due == [-1, t0 + 1_000]
-    assert engine.release(vid, r.hold_id, only_if_expired=True, now=t0 + 999) == 0
-    assert engine.release_lapsed([(vid, r.hold_id)], now=t0 + 999) == [(0, t0 + 1_000)]
+    assert engine.release_many([(vid, r.hold_id)], only_if_expired=True, now=t0 + 999) == [0]
     assert counts(engine, vid) == (7, 3)
-    assert engine.release_lapsed([(vid, r.hold_id)], now=t0 + 1_000) == [(3, 0)]
+    assert engine.release_many([(vid, r.hold_id)], only_if_expired=True, now=t0 + 1_000) == [3]
     assert counts(engine, vid) == (10, 0)
 
 
@@ -221,14 +235,14 @@ def test_release_leaves_a_locked_hold_alone(engine, vid, t0):
 
 
 def test_release_of_an_older_generation_leaves_the_new_hold_indexed_for_the_sweeper(
-        engine, vid, t0, redis_client):
+        engine, vid, t0, redis_client, sweeper):
     old = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
     engine.release(vid, old.hold_id, now=t0)
     new = engine.reserve(vid, "u1", 2, now=t0, ttl_ms=1_000)
     assert engine.release(vid, old.hold_id, now=t0, gen=old.gen) == 0
     assert hold(engine, vid, "u1").gen == new.gen
     assert redis_client.zscore(keys.hold_expiry(vid), new.hold_id) == t0 + 1_000
-    assert engine.sweep(now=t0 + 1_000).holds == 1
+    assert sweeper.sweep(now=t0 + 1_000).holds == 1
     assert counts(engine, vid) == (10, 0)
 
 
@@ -396,13 +410,13 @@ def test_sweep_script_releases_at_most_its_limit_and_says_what_is_left(engine, v
     assert res == [2, 2, t0 + 1_002, 4]
     assert counts(engine, vid) == (6, 4)
     assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100, vid, 1000], n_keys=4) == [3, 3, t0 + TTL, 1]
-    assert engine.redis.zscore(keys.sweep_index(vid), str(vid)) == t0 + TTL  # next expiry indexed
+    assert engine.runner.redis.zscore(keys.sweep_index(vid), str(vid)) == t0 + TTL  # next expiry indexed
     assert run(engine, "sweepHolds", vid, [t0 + 5_000, 100, vid, 1000], n_keys=4) == [0, 0, t0 + TTL, 1]
     assert counts(engine, vid) == (9, 1)
 
 
 def test_a_variants_one_timer_lapses_at_its_earliest_hold_and_the_sweep_rearms_it(engine, vid, t0,
-                                                                                  redis_client):
+                                                                                  redis_client, sweeper):
     timer = keys.variant_timer(vid)
     engine.reserve(vid, "first", 1, now=t0, ttl_ms=2_000)
     assert 1_000 < redis_client.pttl(timer) <= 2_000
@@ -410,38 +424,38 @@ def test_a_variants_one_timer_lapses_at_its_earliest_hold_and_the_sweep_rearms_i
     assert redis_client.pttl(timer) <= 2_000  # a later hold does not move it
     engine.reserve(vid, "sooner", 1, now=t0, ttl_ms=1_500)
     assert redis_client.pttl(timer) <= 1_500  # an earlier one does
-    assert engine.sweep_variants([vid], now=t0 + 2_000).holds == 2
+    assert sweeper.sweep_variants([vid], now=t0 + 2_000).holds == 2
     assert TTL - 2_500 < redis_client.pttl(timer) <= TTL - 2_000 + 100  # armed for "later" now
     engine.release(vid, hold_id_for(vid, "later"), now=t0 + 2_000)
-    assert engine.sweep_variants([vid], now=t0 + 2_000).holds == 0
+    assert sweeper.sweep_variants([vid], now=t0 + 2_000).holds == 0
     assert redis_client.exists(timer) == 0  # nothing held: no timer
 
 
-def test_sweep_releases_every_lapsed_hold_of_every_variant_and_nothing_that_is_not_due(engine, sessions, t0):
+def test_sweep_releases_every_lapsed_hold_of_every_variant_and_nothing_that_is_not_due(engine, sessions, t0, sweeper):
     ids = [make_variant(sessions, on_hand=10) for _ in range(3)]
     for v in ids:
         engine.reserve(v, "a", 2, now=t0, ttl_ms=1_000)
         engine.reserve(v, "b", 3, now=t0, ttl_ms=TTL)
-    report = engine.sweep(now=t0 + 1_000)
+    report = sweeper.sweep(now=t0 + 1_000)
     assert (report.holds, report.units) == (3, 6)
     assert all(counts(engine, v) == (7, 3) for v in ids)
-    assert engine.sweep(now=t0 + 1_000).holds == 0
+    assert sweeper.sweep(now=t0 + 1_000).holds == 0
 
 
-def test_sweep_skips_a_locked_lapsed_hold_and_finishes_in_one_round(engine, vid, t0):
+def test_sweep_skips_a_locked_lapsed_hold_and_finishes_in_one_round(engine, vid, t0, sweeper):
     engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
     lock(engine, vid, "u1", now=t0)
-    report = engine.sweep(now=t0 + 5_000)
+    report = sweeper.sweep(now=t0 + 5_000)
     assert (report.holds, report.variants) == (0, 1)
     assert hold(engine, vid, "u1").state == "locked"
     assert counts(engine, vid) == (7, 3)
 
 
-def test_sweep_on_the_live_clock_also_finishes_in_one_round_past_a_locked_lapsed_hold(engine, vid, t0):
+def test_sweep_on_the_live_clock_also_finishes_in_one_round_past_a_locked_lapsed_hold(engine, vid, t0, sweeper):
     engine.reserve(vid, "u1", 3, now=t0 - 10_000, ttl_ms=1_000)
     lock(engine, vid, "u1", now=t0 - 10_000)
     engine.reserve(vid, "u2", 2, now=t0 - 10_000, ttl_ms=1_000)
-    report = engine.sweep()
+    report = sweeper.sweep()
     assert (report.holds, report.units, report.variants) == (1, 2, 1)
     assert counts(engine, vid) == (7, 3)
 
@@ -468,13 +482,13 @@ def test_reconcile_script_repairs_drift_and_a_dry_run_only_reports_it(engine, vi
 
 
 def test_reconcile_script_reports_missing_counters_and_leaves_building_them_to_init_stock(
-        engine, vid, t0, redis_client):
+        engine, vid, t0, redis_client, reconciler):
     engine.reserve(vid, "u1", 3, now=t0, ttl_ms=TTL)
     redis_client.delete(keys.stock(vid))
     assert reconcile_script(engine, vid, 10, 2, t0, dry_run=True) == [2, -1, -1, 7, 3, t0 + TTL, []]
     assert reconcile_script(engine, vid, 10, 2, t0) == [2, -1, -1, 7, 3, t0 + TTL, []]
     assert redis_client.exists(keys.stock(vid)) == 0
-    report = engine.reconcile([vid])  # the engine builds them, from the database, through initStock
+    report = reconciler.reconcile([vid])  # the engine builds them, from the database, through initStock
     assert report.rebuilt == 1 and report.drifted == 1
     assert counts(engine, vid) == (7, 3)
 
@@ -518,7 +532,7 @@ def test_reconcile_script_reports_stale_locks_and_changes_nothing(engine, vid, t
 
 def test_every_key_the_engine_builds_for_a_variant_carries_its_tag_and_one_slot():
     for vid in (1, 42, 2**31 - 1):
-        ks = [*StockEngine._variant_keys(vid), keys.variant_timer(vid)]
+        ks = [*variant_keys(vid), keys.variant_timer(vid)]
         assert len(ks) == 5 and len(set(ks)) == 5
         assert all(f"{{v{vid}}}" in k and k.index("{") == k.index(f"{{v{vid}}}") for k in ks)
         assert {key_slot(k.encode()) for k in ks} == {key_slot(f"{{v{vid}}}".encode())}
@@ -528,19 +542,19 @@ MONITOR_DB = 9  # MONITOR sees every client of the server: commands are filtered
 
 
 @pytest.fixture
-def private_engine(redis_url, sessions, settings):
-    """An engine on a database number of its own, emptied before and after."""
-    r = redis_lib.Redis.from_url(redis_url.rsplit("/", 1)[0] + f"/{MONITOR_DB}", decode_responses=True)
-    r.flushdb()
-    yield StockEngine(r, sessions, settings)
-    r.flushdb()
-    r.close()
+def private_container(redis_url, settings):
+    """The engine on a database number of its own, emptied before and after."""
+    c = Container(dataclasses.replace(settings, redis_url=redis_url.rsplit("/", 1)[0] + f"/{MONITOR_DB}"))
+    c.redis.flushdb()
+    yield c
+    c.redis.flushdb()
+    c.close()
 
 
 @pytest.mark.single_node
-def test_every_command_run_inside_a_script_touches_only_the_variants_slot(private_engine, vid, t0):
+def test_every_command_run_inside_a_script_touches_only_the_variants_slot(private_container, vid, t0):
     """Runs every script under MONITOR and asks the server which keys each inner command touched."""
-    engine, r = private_engine, private_engine.redis
+    engine, r = private_container.holds, private_container.redis
     marker = f"end-of-scripts-{t0}"
     seen: list[str] = []
     with redis_lib.Redis(connection_pool=r.connection_pool).monitor() as m:
@@ -556,8 +570,8 @@ def test_every_command_run_inside_a_script_touches_only_the_variants_slot(privat
         engine.finalize_many([Finalization(vid, hold_id_for(vid, "gone"), "g", 1, "gone", 2)])
         engine.adjust_phase(vid, "begin", -1, now=t0)
         engine.adjust_phase(vid, "abort", -1, now=t0)
-        engine.sweep(now=t0 + 2_000)
-        engine.reconcile([vid], now=t0 + 2_000)
+        private_container.sweeper.sweep(now=t0 + 2_000)
+        private_container.reconciler.reconcile([vid], now=t0 + 2_000)
         run(engine, "initStock", vid, [10, 2, 0], n_keys=4)
         r.echo(marker)
         while True:
@@ -580,7 +594,7 @@ def test_scripts_still_run_after_the_server_forgets_them(engine, vid, t0, redis_
     redis_client.script_flush()
     assert engine.reserve(vid, "u2", 1, now=t0, ttl_ms=TTL).available == 8
     assert engine.lock_many([(vid, hold_id_for(vid, "u1"))], "t", now=t0)[0].ok
-    assert all(redis_client.script_exists(engine.scripts[n].sha)[0] for n in ("reserveHold", "lockHold"))
+    assert all(redis_client.script_exists(engine.runner.sha[n])[0] for n in ("reserveHold", "lockHold"))
 
 
 def test_concurrent_locks_of_one_hold_by_eight_checkouts_let_exactly_one_win(engine, vid, t0):

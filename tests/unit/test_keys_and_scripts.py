@@ -12,10 +12,14 @@ import pytest
 from redis import exceptions as redis_exceptions
 from redis.crc import key_slot
 
-from app import keys, scripts
+from app import keys
+from app.engine import scripts
 from app.settings import Settings
-from app.stock import StockEngine, hold_id_for, parse_hold_id, unpack_hold
-from jobs.listener import ExpiryListener, ensure_expired_events, expired_channel
+from app.engine.expiry import Sweeper, ensure_expired_events, expired_channel
+from app.engine.holdrec import hold_id_for, parse_hold_id, unpack_hold
+from app.engine.holds import Holds
+from app.engine.runner import ScriptRunner
+from jobs.listener import ExpiryListener
 
 LUA_FILES = sorted(scripts.LUA_DIR.glob("*.lua"))
 
@@ -133,7 +137,7 @@ def test_every_script_header_states_its_returns(path):
 @pytest.fixture
 def fake_engine():
     r = fakeredis.FakeRedis(decode_responses=True)
-    engine = StockEngine(r, sessions=None, settings=Settings(hold_ttl_seconds=60))
+    engine = Holds(ScriptRunner(r), repository=None, settings=Settings(hold_ttl_seconds=60))
     r.hset(keys.stock(1), mapping={"available": 10, "reserved": 0, "version": 0, "adj_pending": 0})
     yield engine
     r.close()
@@ -142,12 +146,12 @@ def fake_engine():
 def test_the_engine_turns_script_replies_into_a_reservation(fake_engine):
     r = fake_engine.reserve(1, "alice", 3, now=1_000, ttl_ms=500)
     assert (r.hold_id, r.quantity, r.expires_ms, r.available) == ("1~alice", 3, 1_500, 7)
-    assert fake_engine.redis.zscore(keys.sweep_index(1), "1") == 1_500
+    assert fake_engine.runner.redis.zscore(keys.sweep_index(1), "1") == 1_500
 
 
 def test_the_engine_reloads_its_scripts_when_the_server_forgot_them(fake_engine):
     fake_engine.reserve(1, "alice", 1, now=1_000, ttl_ms=500)
-    fake_engine.redis.script_flush()
+    fake_engine.runner.redis.script_flush()
     assert fake_engine.reserve(1, "bob", 1, now=1_000, ttl_ms=500).available == 8
 
 
@@ -155,16 +159,16 @@ def test_the_listener_handler_sweeps_the_variant_and_rearms_its_timer_for_the_ne
     fake_engine.reserve(1, "alice", 3, now=1_000, ttl_ms=500)
     fake_engine.reserve(1, "bob", 2, now=1_000, ttl_ms=900)
     timer = keys.variant_timer(1)
-    container = type("C", (), {"stock": fake_engine, "redis": fake_engine.redis})()
+    container = type("C", (), {"sweeper": Sweeper(fake_engine.runner, fake_engine), "redis": fake_engine.runner.redis})()
     listener = ExpiryListener(container)
     assert listener.handle([1, 1], now=1_500) == 3  # alice's hold lapsed, bob's not yet
     assert (listener.released_holds, listener.released_units) == (1, 3)
-    assert fake_engine.redis.zscore(keys.sweep_index(1), "1") == 1_900
-    assert fake_engine.redis.exists(timer) == 1  # armed for bob's expiry
+    assert fake_engine.runner.redis.zscore(keys.sweep_index(1), "1") == 1_900
+    assert fake_engine.runner.redis.exists(timer) == 1  # armed for bob's expiry
     assert listener.handle([1], now=1_600) == 0  # an early or repeated event: nothing
     assert listener.handle([1], now=1_900) == 2
-    assert fake_engine.redis.hmget(keys.stock(1), "available", "reserved") == ["10", "0"]
-    assert fake_engine.redis.exists(timer) == 0  # no holds left: no timer
+    assert fake_engine.runner.redis.hmget(keys.stock(1), "available", "reserved") == ["10", "0"]
+    assert fake_engine.runner.redis.exists(timer) == 0  # no holds left: no timer
 
 
 def test_the_expired_channel_names_the_clients_database():

@@ -1,11 +1,14 @@
-"""Loads the Lua scripts of lua/ once per client and resolves `--@include name` from lua/includes/."""
+"""The text of the Lua scripts of lua/, with `--@include name` resolved from lua/includes/
+(the runner, app/engine/runner.py, loads and calls them)."""
 from __future__ import annotations
 
 import re
 from functools import lru_cache
 from pathlib import Path
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+import lua
+
+LUA_DIR = Path(lua.__file__).resolve().parent
 _INCLUDE = re.compile(r"^--@include (\w+)\s*$", re.MULTILINE)
 _NAME = re.compile(r"^(?P<name>[a-zA-Z]+)-(?P<keys>\d+)\.lua$")
 
@@ -31,19 +34,3 @@ def _path(name: str) -> Path:
 
 def names() -> list[str]:
     return sorted(_NAME.match(p.name).group("name") for p in LUA_DIR.glob("*.lua"))
-
-
-class Scripts:
-    """redis-py Script objects for every script, registered once; they reload themselves on NOSCRIPT."""
-
-    def __init__(self, redis):
-        self.redis = redis
-        self._scripts = {name: redis.register_script(source(name)) for name in names()}
-
-    def __getitem__(self, name: str):
-        return self._scripts[name]
-
-    def load_all(self) -> None:
-        """Put every script into the server's cache now (readiness check, and after a restart)."""
-        for script in self._scripts.values():
-            self.redis.script_load(script.script)  # a cluster client sends it to every primary

@@ -1,0 +1,118 @@
+"""The cart store: the one owner of cart lines in Redis (their format, reads and writes).
+
+A cart is a hash `cart:{u<user>}`: field = the line's item id, which is its hold's id
+(app/engine/holdrec.py), value = `qty|unit_price|expires_ms|gen|tier` (see `Line.dumps`). A line is
+a snapshot of its hold when it was written (quantity, expiry, generation) and of the unit price;
+whether it is still held is read from the hold. Carts carry the user's hash tag, so a cart and a
+variant's stock never share a script: the hold is taken first and the line written second (a crash
+in between leaves a hold with no line, which simply lapses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Sequence
+
+from app import keys
+from app.engine.holdrec import HoldView, parse_hold_id, unpack_hold
+from app.engine.holds import Holds, Reservation, hold_reads
+from app.engine.runner import Script, ScriptRunner
+from app.money import money
+
+
+@dataclass
+class Line:
+    """A cart line as stored (see dumps); `sku` comes from the catalog, not from the store."""
+
+    item_id: str
+    variant_id: int
+    sku: str
+    quantity: int
+    unit_price: Decimal
+    expires_ms: int
+    gen: str
+    tier: str | None = None
+
+    def dumps(self) -> str:
+        """`qty|unit_price|expires_ms|gen|tier`: short enough (<= 64 bytes) that Redis keeps a cart
+        as a compact listpack; the variant id is in the item id and the sku in the catalog cache."""
+        return f"{self.quantity}|{money(self.unit_price)}|{self.expires_ms}|{self.gen}|{self.tier or ''}"
+
+    @classmethod
+    def loads(cls, item_id: str, raw: str) -> "Line":
+        parsed = parse_hold_id(item_id)
+        if parsed is None:
+            raise ValueError(f"not a cart item id: {item_id!r}")
+        quantity, price, expires, gen, tier = raw.split("|")
+        return cls(item_id, parsed[0], "", int(quantity), Decimal(price), int(expires), gen, tier or None)
+
+    def is_live(self, hold: HoldView | None, now: int) -> bool:
+        """Whether the line's own hold (same generation) still holds it at `now`."""
+        return hold is not None and hold.gen == self.gen and hold.expires_ms > now
+
+    def is_behind(self, hold: HoldView | None) -> bool:
+        """The line's hold lives on but holds another quantity or expiry than the line says."""
+        return (hold is not None and hold.gen == self.gen
+                and (hold.quantity != self.quantity or hold.expires_ms != self.expires_ms))
+
+
+def _lines(raw: dict) -> list[Line]:
+    return [Line.loads(item_id, body) for item_id, body in raw.items()]
+
+
+class CartStore:
+    """Reads and writes of carts, alone or beside a hold's reserve or reads."""
+
+    def __init__(self, runner: ScriptRunner, holds: Holds):
+        self.runner = runner
+        self.holds = holds
+
+    def lines(self, user: str) -> list[Line]:
+        """Every line of a customer's cart (without skus)."""
+        return _lines(self.runner.run([("HGETALL", keys.cart(user))])[0])
+
+    def find(self, item_id: str) -> tuple[str, Line] | None:
+        """(user, line) of an item id; None when it is not one or no cart has it."""
+        parsed = parse_hold_id(item_id)
+        if parsed is None:
+            return None
+        user = parsed[1]
+        raw = self.runner.run([("HGET", keys.cart(user), item_id)])[0]
+        return (user, Line.loads(item_id, raw)) if raw is not None else None
+
+    def snapshot(self, user: str, variant_id: int, item_id: str) -> tuple[HoldView | None, object, list[Line]]:
+        """In one round trip: the hold of `item_id`, the raw catalog version and the cart's lines."""
+        raw_version, raw_cart, raw_hold = self.runner.run([
+            ("GET", keys.catalog_version()), ("HGETALL", keys.cart(user)), *hold_reads([(variant_id, item_id)])])
+        return unpack_hold(raw_hold), raw_version, _lines(raw_cart)
+
+    def reserve_with_line(self, variant_id: int, user: str, quantity: int, now: int,
+                          line: Line | None) -> tuple[Reservation, object, list[Line], bool]:
+        """The add-to-cart round trip: reserve, read the raw catalog version and the cart, and
+        write `line` where the cart has none for its item yet (HSETNX), all in one round trip.
+        Returns (reservation, raw version, the cart's lines as read before the write, whether
+        `line` was written). The caller decides whether the written line stands (see CartService)."""
+        beside = [("GET", keys.catalog_version()), ("HGETALL", keys.cart(user))]
+        if line is not None:
+            beside.append(("HSETNX", keys.cart(user), line.item_id, line.dumps()))
+        reservation = self.holds.reserve(variant_id, user, quantity, mode="add", now=now,
+                                         gen=line.gen if line is not None else None, beside=beside)
+        raw_version, raw_cart, *wrote = reservation.beside
+        return reservation, raw_version, _lines(raw_cart), bool(wrote and wrote[0])
+
+    def write(self, user: str, line: Line, pairs: Sequence[tuple[int, str]] = ()) -> list[HoldView | None]:
+        """Write a line, and read the holds of (variant_id, hold_id) `pairs` in the same round trip."""
+        replies = self.runner.run([("HSET", keys.cart(user), line.item_id, line.dumps()), *hold_reads(pairs)])
+        return [unpack_hold(r) for r in replies[1:]]
+
+    def remove(self, user: str, item_id: str) -> None:
+        self.runner.run([("HDEL", keys.cart(user), item_id)])
+
+    def drop_lines(self, lines: Sequence[tuple[str, str, str]]) -> int:
+        """Remove (user, item id, gen) lines of finalized or refused holds; a newer line under the
+        same item id (another generation) is kept. Returns the lines removed."""
+        by_user: dict[str, list] = {}
+        for user, item_id, gen in lines:
+            by_user.setdefault(user, []).extend([item_id, gen])
+        calls = [Script("dropCartLines", [keys.cart(user)], args) for user, args in by_user.items()]
+        return sum(int(n) for n in self.runner.run(calls))

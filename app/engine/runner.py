@@ -1,0 +1,154 @@
+"""The one path from Python to a Lua script.
+
+Every script call of the service, single or several in one round trip, with or without plain
+commands beside it, through the lane (app/engine/lane.py) or redis-py, on one Redis or a cluster,
+goes through a `ScriptRunner`. It
+
+- knows every script of lua/ by name, with its SHA computed once (the text from app/engine/scripts.py);
+- calls them by EVALSHA and, when the server's script cache is empty (a restart, a failover,
+  `SCRIPT FLUSH`), loads them all and sends the refused calls once more: NOSCRIPT means the script
+  did not run, so that resend cannot apply anything twice;
+- raises every error reply as redis-py's exception for it (`ResponseError` and its subclasses),
+  after reading every reply of the round trip, and never returns one as a result.
+
+A connection failure is raised as redis-py's `ConnectionError` / `TimeoutError` and nothing is sent
+again on it: a reserve sent twice would reserve twice. A connection found dead *before* a call is
+sent on it (closed while it sat idle) is replaced first, by the lane and by redis-py's pool alike.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple, Sequence
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from app.engine import lane as lane_mod
+from app.engine.scripts import key_count, names, source
+
+
+class Script(NamedTuple):
+    """One script call: its name (lua/<name>-<n>.lua), KEYS and ARGV."""
+
+    name: str
+    keys: Sequence
+    args: Sequence
+
+
+class Prepared(NamedTuple):
+    """A script call whose KEYS are fixed, built once (the reserve's, per variant): on a lane, the
+    packed head of its EVALSHA, so each call packs only its arguments."""
+
+    name: str
+    keys: tuple
+    head: bytes | None
+
+
+Command = tuple  # a plain command as Redis takes it, e.g. ("HGET", key, field)
+
+
+class ScriptRunner:
+    """Loads the scripts once and runs them; see the module docstring."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self._sources = {name: source(name) for name in names()}
+        self.sha = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._sources.items()}
+        self._numkeys = {name: key_count(name) for name in self._sources}
+        # the hot path's own connections on a single Redis; a cluster client routes each call itself
+        self.lane = lane_mod.Lane(redis) if lane_mod.supports(redis) else None
+
+    def load_all(self) -> None:
+        """Put every script into the server's cache now (readiness, and after a NOSCRIPT)."""
+        for text in self._sources.values():
+            self.redis.script_load(text)  # a cluster client sends it to every primary
+
+    def close(self) -> None:
+        """Disconnect this thread's lane connection."""
+        if self.lane is not None:
+            self.lane.close()
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def call(self, name: str, keys: Sequence, args: Sequence):
+        """One script call; returns its reply."""
+        return self.run([Script(name, keys, args)])[0]
+
+    def run(self, calls: Sequence[Script | Command]) -> list:
+        """Script calls and plain commands in one round trip (one per node on a cluster); returns
+        their replies in order, HGETALL's as a dict."""
+        if not calls:
+            return []
+        replies = self._send(calls)
+        missing = [i for i, (c, r) in enumerate(zip(calls, replies))
+                   if isinstance(r, NoScriptError) and isinstance(c, Script)]
+        if missing:
+            self.load_all()
+            for i, reply in zip(missing, self._send([calls[i] for i in missing])):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    def prepare(self, name: str, keys: Sequence, nargs: int) -> Prepared:
+        """A call of `name` on these KEYS with `nargs` arguments, built once for many calls."""
+        if len(keys) != self._numkeys[name]:
+            raise ValueError(f"{name} takes {self._numkeys[name]} keys, got {len(keys)}")
+        head = None
+        if self.lane is not None:
+            head = lane_mod.script_prefix(self.sha[name], len(keys), keys, len(keys) + nargs)
+        return Prepared(name, tuple(keys), head)
+
+    def call_prepared(self, prep: Prepared, args: Sequence, commands: Sequence[Command] = ()) -> tuple:
+        """A prepared call with its arguments, and plain commands beside it in the same round trip;
+        returns (the script's reply, the commands' replies)."""
+        if prep.head is None:
+            replies = self.run([Script(prep.name, prep.keys, args), *commands])
+            return replies[0], replies[1:]
+        packed = prep.head + lane_mod.bulks(args)
+        if not commands:
+            try:
+                return self.lane.call(packed), ()
+            except NoScriptError:
+                self.load_all()
+                return self.lane.call(packed), ()
+        packed += b"".join(lane_mod.pack(*c) for c in commands)
+        count = 1 + len(commands)
+        replies = self.lane.call_many(packed, count)
+        if isinstance(replies[0], NoScriptError):
+            self.load_all()
+            replies = self.lane.call_many(packed, count)  # the commands beside it are reads or idempotent
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[0], _shaped(commands, replies[1:])
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _send(self, calls: Sequence[Script | Command]) -> list:
+        """One round trip; error replies are returned in their places."""
+        if self.lane is not None:
+            packed = b"".join(self._pack(c) for c in calls)
+            return _shaped(calls, self.lane.call_many(packed, len(calls)))
+        pipe = self.redis.pipeline(transaction=False)
+        for c in calls:
+            if isinstance(c, Script):
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
+                pipe.execute_command("EVALSHA", self.sha[c.name], len(c.keys), *c.keys, *c.args)
+            else:
+                pipe.execute_command(*c)
+        return pipe.execute(raise_on_error=False)
+
+    def _pack(self, c: Script | Command) -> bytes:
+        if isinstance(c, Script):
+            return lane_mod.pack("EVALSHA", self.sha[c.name], len(c.keys), *c.keys, *c.args)
+        return lane_mod.pack(*c)
+
+
+def _shaped(calls: Sequence, replies: list) -> list:
+    """A lane's raw replies as redis-py shapes them where it matters here: HGETALL as a dict."""
+    out = list(replies)
+    for i, c in enumerate(calls):
+        if not isinstance(c, Script) and c[0].upper() == "HGETALL" and isinstance(out[i], list):
+            out[i] = lane_mod.as_dict(out[i])
+    return out
