@@ -42,15 +42,15 @@ def make_scheduler(settings: Settings, poll_seconds: float = 1.0) -> Scheduler:
 
 def install_schedule(scheduler: Scheduler, settings: Settings) -> None:
     """(Re)register the two periodic jobs under fixed ids."""
-    from jobs.tasks import reconcile_job, sweep_job
+    from jobs.tasks import RECONCILE_TIMEOUT_S, SWEEP_TIMEOUT_S, reconcile_job, sweep_job
 
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     for job_id in (SWEEP_JOB_ID, RECONCILE_JOB_ID):
         scheduler.cancel(job_id)
     scheduler.schedule(now, sweep_job, id=SWEEP_JOB_ID, interval=settings.sweep_interval_seconds,
-                       repeat=None, result_ttl=60, timeout=300, description="release lapsed holds")
+                       repeat=None, result_ttl=60, timeout=SWEEP_TIMEOUT_S, description="release lapsed holds")
     scheduler.schedule(now, reconcile_job, id=RECONCILE_JOB_ID, interval=settings.reconcile_interval_seconds,
-                       repeat=None, result_ttl=600, timeout=1800, description="reconcile counters")
+                       repeat=None, result_ttl=600, timeout=RECONCILE_TIMEOUT_S, description="reconcile counters")
     log.info("scheduled sweep every %ss and reconcile every %ss", settings.sweep_interval_seconds,
              settings.reconcile_interval_seconds)
 

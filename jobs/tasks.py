@@ -13,6 +13,12 @@ from app.composition import Container, build_container
 log = logging.getLogger(__name__)
 
 QUEUE = "inventory"
+# The longest each job may run: rq stops it there (the scheduler enqueues it with this timeout),
+# and its lock outlives it by a margin, so a second sweeper or reconciler can never start beside a
+# slow first one whose lock lapsed mid-run.
+SWEEP_TIMEOUT_S = 300
+RECONCILE_TIMEOUT_S = 1800
+LOCK_MARGIN_S = 60
 _container: Container | None = None
 _container_pid = -1
 
@@ -20,11 +26,12 @@ _container_pid = -1
 def container() -> Container:
     """This process's container, built once (again after a fork)."""
     if _container is None or _container_pid != os.getpid():
-        _set(build_container())
+        use_container(build_container())
     return _container
 
 
-def _set(c: Container) -> None:
+def use_container(c: Container | None) -> None:
+    """Make `c` this process's container (None: build one on next use)."""
     global _container, _container_pid
     _container, _container_pid = c, os.getpid()
 
@@ -45,7 +52,7 @@ def _release(lock) -> None:
 def sweep_job() -> dict:
     """Release every lapsed hold (the guarantee behind the expiry listener)."""
     c = container()
-    lock = _only_one(c.redis, keys.sweep_lock(), 60)
+    lock = _only_one(c.redis, keys.sweep_lock(), SWEEP_TIMEOUT_S + LOCK_MARGIN_S)
     if not lock.acquire():
         log.info("sweep skipped: another sweep is running")
         return {"skipped": True}
@@ -62,7 +69,7 @@ def sweep_job() -> dict:
 def reconcile_job(dry_run: bool = False, variant_ids: list[int] | None = None) -> dict:
     """Compare and repair the live counters against the database."""
     c = container()
-    lock = _only_one(c.redis, keys.reconcile_lock(), 15 * 60)
+    lock = _only_one(c.redis, keys.reconcile_lock(), RECONCILE_TIMEOUT_S + LOCK_MARGIN_S)
     if not lock.acquire():
         log.info("reconcile skipped: another reconcile is running")
         return {"skipped": True}

@@ -45,9 +45,9 @@ def start_listener(settings):
 
 @pytest.fixture
 def sweeper(container):
-    jobs.tasks._set(container)
+    jobs.tasks.use_container(container)
     yield jobs.tasks.sweep_job
-    jobs.tasks._container = None
+    jobs.tasks.use_container(None)
 
 
 def available(engine, vid) -> int:

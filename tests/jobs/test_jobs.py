@@ -8,16 +8,16 @@ import jobs.tasks
 from app import clock, keys
 from jobs.scheduler import (RECONCILE_JOB_ID, SWEEP_JOB_ID, install_schedule, make_scheduler, rq_connection,
                             run_worker)
-from jobs.tasks import QUEUE, reconcile_job, sweep_job
+from jobs.tasks import LOCK_MARGIN_S, QUEUE, RECONCILE_TIMEOUT_S, SWEEP_TIMEOUT_S, reconcile_job, sweep_job
 from tests.factories import make_variant
 
 
 @pytest.fixture
 def jobs_container(container):
     """The jobs use the test's container, as a worker process would use its own."""
-    jobs.tasks._set(container)
+    jobs.tasks.use_container(container)
     yield container
-    jobs.tasks._container = None
+    jobs.tasks.use_container(None)
 
 
 @pytest.fixture
@@ -130,17 +130,38 @@ def test_a_job_skips_while_another_run_holds_its_lock_and_frees_only_its_own(
     assert redis_client.exists(keys.sweep_lock(), keys.reconcile_lock()) == 0
 
 
+def test_each_jobs_lock_outlives_the_longest_the_job_may_run(jobs_container, scheduler, settings, redis_client,
+                                                             monkeypatch):
+    install_schedule(scheduler, settings)
+    timeouts = {job.id: job.timeout for job in scheduler.get_jobs()}
+    assert timeouts == {SWEEP_JOB_ID: SWEEP_TIMEOUT_S, RECONCILE_JOB_ID: RECONCILE_TIMEOUT_S}
+    lock_left_ms = {}
+    for part, method, lock in ((jobs_container.sweeper, "sweep", keys.sweep_lock()),
+                               (jobs_container.reconciler, "reconcile", keys.reconcile_lock())):
+        real = getattr(part, method)
+
+        def watching(*args, _real=real, _lock=lock, _name=method, **kwargs):
+            lock_left_ms[_name] = redis_client.pttl(_lock)  # read while the job runs under its lock
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(part, method, watching)
+    sweep_job()
+    reconcile_job()
+    assert SWEEP_TIMEOUT_S * 1000 < lock_left_ms["sweep"] <= (SWEEP_TIMEOUT_S + LOCK_MARGIN_S) * 1000
+    assert RECONCILE_TIMEOUT_S * 1000 < lock_left_ms["reconcile"] <= (RECONCILE_TIMEOUT_S + LOCK_MARGIN_S) * 1000
+
+
 def test_a_job_builds_its_container_from_the_environment_when_none_was_set(
         settings, monkeypatch, env, sessions):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    jobs.tasks._container = None
+    jobs.tasks.use_container(None)
     try:
         assert jobs.tasks.container().settings.redis_url == settings.redis_url
         assert sweep_job() == {"variants": 0, "holds": 0, "units": 0}
     finally:
         jobs.tasks.container().close()
-        jobs.tasks._container = None
+        jobs.tasks.use_container(None)
 
 
 def test_a_scheduler_puts_back_a_schedule_lost_with_an_emptied_redis(scheduler, settings, rq_redis):
