@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # DATABASE_URL and REDIS_URL pass through from the environment (make exports what it inherited):
 # set, the tests and `make run` use those stores; unset, an embedded Redis and SQLite.
 
-.PHONY: run test clean venv bench
+.PHONY: run test clean venv bench lint
 
 run: $(STAMP)
 	exec $(BIN)/inventory run
@@ -18,6 +18,10 @@ test: $(STAMP)
 	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# ruff (pinned in the test extras) with the short rule set of ruff.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check --output-format concise .
 
 # The engine, expiry, reconcile, checkout and job tests again on a 3-primary Redis Cluster that the
 # fixtures start on loopback ports (the rest of the suite needs no second run).

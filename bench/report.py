@@ -345,7 +345,8 @@ def table(results: dict) -> str:
                 r = web[key]
                 lines.append(
                     f"  by round, {label}: "
-                    + ", ".join(f"{n:,.0f}/s p99 {p:.0f} ms" for n, p in zip(r["per_second_by_round"], r["p99_ms_by_round"]))
+                    + ", ".join(f"{n:,.0f}/s p99 {p:.0f} ms"
+                                for n, p in zip(r["per_second_by_round"], r["p99_ms_by_round"]))
                 )
     exp = results.get("expiry")
     if exp:

@@ -86,7 +86,7 @@ class ExpiryListener:
                 self._follow_topology(redis)
                 next_check = time.monotonic() + TOPOLOGY_CHECK_S
             self.stop.wait(0.2)
-        for thread, stop in self._subscribers.values():
+        for _thread, stop in self._subscribers.values():
             stop.set()
         for thread, _ in self._subscribers.values():
             thread.join(5)

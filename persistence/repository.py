@@ -28,7 +28,8 @@ class StockRepository:
         """{variant_id: (on_hand, version)} of the variants that exist."""
         ids = list(variant_ids)
         with self.sessions() as s:
-            return {vid: (on_hand, version) for vid, on_hand, version in s.execute(_LEVELS.where(Stock.variant_id.in_(ids)))}
+            rows = s.execute(_LEVELS.where(Stock.variant_id.in_(ids)))
+            return {vid: (on_hand, version) for vid, on_hand, version in rows}
 
     def level_batches(self, variant_ids: Sequence[int] | None, batch: int) -> Iterator[list[StockLevel]]:
         """Every variant's level in id order, `batch` at a time; only `variant_ids` when given

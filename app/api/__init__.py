@@ -6,6 +6,9 @@ from flask import Flask
 from flask_smorest import Api
 from marshmallow import fields
 
+from app.api.auth import install_auth
+from app.api.errors import register_error_handlers
+
 
 class ErrorDetailSchema(ma.Schema):
     code = fields.String(required=True, metadata={"example": "validation_error"})
@@ -23,9 +26,6 @@ class ContractApi(Api):
     """Documents the error body of API.md instead of flask-smorest's own."""
 
     ERROR_SCHEMA = ErrorBodySchema
-
-from app.api.auth import install_auth
-from app.api.errors import register_error_handlers
 
 
 class _BodyLimit:

@@ -8,8 +8,8 @@ from flask import request
 from marshmallow import fields, validate
 from webargs import core
 
-from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, WholeMatch, decode_json, flatten_messages,
-                          reply, require_clean_text)
+from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, WholeMatch, decode_json,
+                          flatten_messages, reply, require_clean_text)
 from app.api.context import container
 from app.api.pricing_schemas import TIER_MESSAGE, TIER_PATTERN
 from app.errors import ValidationFailed

@@ -75,8 +75,8 @@ class Reconciler:
 
     def _batch(self, rows, report: ReconcileReport, dry_run: bool, now, grace: int, second_pass: bool) -> None:
         now_ = clock.now_ms() if now is None else now
-        calls = [Script("reconcileStock", self.holds.indexed_keys(vid), [on_hand, version, now_, grace, 1 if dry_run else 0])
-                 for vid, on_hand, version in rows]
+        calls = [Script("reconcileStock", self.holds.indexed_keys(vid),
+                        [on_hand, version, now_, grace, 1 if dry_run else 0]) for vid, on_hand, version in rows]
         results = self.runner.run(calls)
         stale: list[tuple[int, list]] = []
         missing = [vid for (vid, _o, _v), res in zip(rows, results) if res[0] == 2]

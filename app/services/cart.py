@@ -134,7 +134,8 @@ class CartService:
         now = clock.now_ms()
         cached = self.pricing.cached_variant_info(variant_id)
         if shown_price is None and cached is not None and cached[0].product_status == "active":
-            reservation, info, version, read, written = self._reserve_first(variant_id, user, quantity, tier, now, cached)
+            reservation, info, version, read, written = self._reserve_first(
+                variant_id, user, quantity, tier, now, cached)
             lines = {line.item_id: line for line in self._with_skus(read, version)}
             if written is not None:
                 # the line went in with the reserve: only the other lines' holds are left to read

@@ -9,7 +9,6 @@ import re
 import signal
 import time
 
-import pytest
 
 from app import clock
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, wait_for

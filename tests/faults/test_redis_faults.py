@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from sqlalchemy import select
 
 from persistence.models import IdempotencyRecord
@@ -158,7 +157,8 @@ def test_the_per_customer_limit_survives_redis_restarted_empty(base_env, build, 
     server = own_redis(persist=False)
     client, c = build({**base_env, "REDIS_URL": server.url, "MAX_UNITS_PER_CUSTOMER": "2"})
     vid = make_variant(c.sessions, on_hand=20)
-    assert client.post("/api/cart/add/", json={"user_id": "capped", "variant_id": vid, "quantity": 2}).status_code == 201
+    body = {"user_id": "capped", "variant_id": vid, "quantity": 2}
+    assert client.post("/api/cart/add/", json=body).status_code == 201
     assert client.post("/api/cart/capped/checkout/").status_code == 201  # two ordered: the cap is reached
     own_redis.restart(server, persist=False)
     wait_for(lambda: _ready(client), timeout=15, message="/readyz after the empty restart")

@@ -122,7 +122,7 @@ def test_the_listener_sweeps_what_lapsed_before_it_started(container, sessions, 
     engine = container.holds
     vid = make_variant(sessions, on_hand=5)
     past = clock.now_ms() - 60_000
-    r = engine.reserve(vid, "u1", 2, now=past, ttl_ms=1_000)
+    engine.reserve(vid, "u1", 2, now=past, ttl_ms=1_000)
     redis_client.delete(keys.variant_timer(vid))  # its event was sent while nobody listened
     assert available(engine, vid) == 3
     start_listener()  # connected is set only after its catch-up sweep

@@ -258,7 +258,7 @@ def test_lock_answers_the_hold_size_generation_and_owner(engine, vid, t0):
 
 def test_lock_refuses_a_hold_past_its_expiry_though_no_release_ran_and_returns_its_units(
         engine, vid, t0, redis_client):
-    r = engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
+    engine.reserve(vid, "u1", 3, now=t0, ttl_ms=1_000)
     assert hold(engine, vid, "u1") is not None  # nothing released it yet
     res = lock(engine, vid, "u1", now=t0 + 1_000)
     assert (res.ok, res.reason) == (False, "expired")

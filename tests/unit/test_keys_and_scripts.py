@@ -159,7 +159,8 @@ def test_the_listener_handler_sweeps_the_variant_and_rearms_its_timer_for_the_ne
     fake_engine.reserve(1, "alice", 3, now=1_000, ttl_ms=500)
     fake_engine.reserve(1, "bob", 2, now=1_000, ttl_ms=900)
     timer = keys.variant_timer(1)
-    container = type("C", (), {"sweeper": Sweeper(fake_engine.runner, fake_engine), "redis": fake_engine.runner.redis})()
+    sweeper = Sweeper(fake_engine.runner, fake_engine)
+    container = type("C", (), {"sweeper": sweeper, "redis": fake_engine.runner.redis})()
     listener = ExpiryListener(container)
     assert listener.handle([1, 1], now=1_500) == 3  # alice's hold lapsed, bob's not yet
     assert (listener.released_holds, listener.released_units) == (1, 3)
