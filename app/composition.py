@@ -103,6 +103,13 @@ class Container:
         return CheckoutService(self.sessions, self.holds, self.cart_store, self.cart, self.settings)
 
     @cached_property
+    def idempotency(self):
+        """Requests sent with an Idempotency-Key run once (app.services.idempotency.Idempotency)."""
+        from app.services.idempotency import Idempotency
+
+        return Idempotency(self.redis)
+
+    @cached_property
     def inventory(self):
         """Stock rows and adjustments (app.services.inventory.InventoryService)."""
         from app.services.inventory import InventoryService

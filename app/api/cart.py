@@ -14,7 +14,6 @@ from app.api.context import container
 from app.api.pricing_schemas import TIER_MESSAGE, TIER_PATTERN
 from app.errors import ValidationFailed
 from app.services.cart import MAX_INT_USER, USER_ID_RE, canonical_user
-from app.services.idempotency import run_once
 
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
 
@@ -174,7 +173,7 @@ def add():
         return 201, service.add(body["user_id"], body["variant_id"], body["quantity"], body.get("user_tier"),
                                 body.get("price"))
 
-    return reply(*run_once(c.redis, "add", body["user_id"], _idempotency_key(), do))
+    return reply(*c.idempotency.run_once("add", body["user_id"], _idempotency_key(), do))
 
 
 # GET /api/cart/{user_id}/ and PATCH/DELETE /api/cart/{item_id}/ are one templated path to OpenAPI
@@ -232,4 +231,4 @@ def checkout(_body, user_id):
         found = c.checkout.recorded_checkout(user, key)
         return (201, found) if found is not None else None
 
-    return reply(*run_once(c.redis, "checkout", user, key, do, durable))
+    return reply(*c.idempotency.run_once("checkout", user, key, do, durable))
