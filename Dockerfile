@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 
-# The service reads lua/ and wsgi.py beside its packages: PYTHONPATH runs it from the source tree,
-# while `pip install .` brings the dependencies and the `inventory` command.
+# `pip install .` installs the packages whole (the Lua scripts and migrations are package data),
+# the dependencies and the `inventory` command; gunicorn loads wsgi.py from the work directory.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

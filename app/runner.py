@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.settings import ROOT, VAR_DIR, Settings, redact_url
+from app.settings import VAR_DIR, Settings, redact_url
 
 log = logging.getLogger("inventory.run")
 
@@ -57,7 +57,8 @@ class Child:
 def child_commands(python: str = sys.executable) -> list[Child]:
     """The processes of DESIGN.md, as this machine's Python runs them."""
     return [
-        Child("web", [python, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"], critical=True),
+        # the app factory, not wsgi.py: an installed package runs from any directory
+        Child("web", [python, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app:create_app()"], critical=True),
         Child("listener", [python, "-m", "app.cli", "listen"]),
         Child("worker", [python, "-m", "app.cli", "worker"]),
         Child("scheduler", [python, "-m", "app.cli", "scheduler"]),
@@ -239,7 +240,7 @@ def run_stack(settings: Settings) -> int:
 
         metrics_dir = _fresh_dir(VAR_DIR / "prometheus")
         children = child_commands()
-        supervisor = Supervisor(children, _child_env(settings, redis_url, metrics_dir), ROOT)
+        supervisor = Supervisor(children, _child_env(settings, redis_url, metrics_dir), Path.cwd())
         for sig in previous:
             signal.signal(sig, supervisor.on_signal)
         for child in children:

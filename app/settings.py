@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = ROOT / "var"
+# `inventory run` keeps its embedded stores under ./var of the directory it runs in (the checkout
+# for `make run`; anywhere for an installed package), and the other commands find them there.
+VAR_DIR = Path.cwd() / "var"
 ROLES = ("admin", "storefront")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-.~+/=]{8,256}$")
 
