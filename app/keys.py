@@ -13,12 +13,14 @@ def variant_tag(variant_id: int) -> str:
 
 
 def stock(variant_id: int) -> str:
-    """Hash: available, reserved, version, adj_pending, adj_since, mm_ver, mm_since."""
+    """Hash: available, reserved, version; adj_pending, adj_since (an adjustment half-way);
+    mm_version, mm_local, mm_since (a version mismatch the reconciler is waiting out); idx_exp (the
+    expiry the sweep index holds for the variant)."""
     return f"{PREFIX}stock:{variant_tag(variant_id)}"
 
 
 def holds(variant_id: int) -> str:
-    """Hash: hold id -> packed hold record (qty|exp_ms|state|user|token|lock_ms)."""
+    """Hash: hold id -> hold record (the format: app/engine/holdrec.py)."""
     return f"{PREFIX}holds:{variant_tag(variant_id)}"
 
 
@@ -113,7 +115,7 @@ def sweep_indexes() -> list[str]:
 
 
 def cart(user_id: str) -> str:
-    """Hash: item (hold) id -> JSON cart line."""
+    """Hash: item (hold) id -> cart line (the format: app/engine/carts.py, Line.dumps)."""
     return f"{PREFIX}cart:{{u{user_id}}}"
 
 

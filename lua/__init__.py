@@ -1,1 +1,1 @@
-"""The Lua scripts of the service, shipped as package data (app/scripts.py loads them)."""
+"""The Lua scripts of the service, shipped as package data (app/engine/scripts.py loads them)."""

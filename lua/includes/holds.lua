@@ -1,4 +1,4 @@
--- Shared helpers, pulled into each script by the loader (app/scripts.py) at `--@include holds`.
+-- Shared helpers, pulled into each script by the loader (app/engine/scripts.py) at `--@include holds`.
 -- A hold record is one field of holds:{v}: "qty|exp_ms|state|user|gen|token|lock_ms"
 --   state: "h" held, "l" locked for checkout. gen: random per fresh hold (guards against reuse of a hold id).
 
