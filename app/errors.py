@@ -1,10 +1,7 @@
 """Domain errors. Each carries its data; exactly one place (app.api.errors) turns them into HTTP."""
 from __future__ import annotations
 
-import re
 from typing import Any
-
-from redis import exceptions as redis_exceptions
 
 
 def error_body(code: str, message: str, details: dict | None = None) -> dict:
@@ -82,7 +79,8 @@ class LimitExceeded(DomainError):
 
     def __init__(self, variant_id: int, limit: int, already: int, requested: int):
         super().__init__(
-            f"At most {limit} units of this item per customer; {already} already held or ordered, requested {requested}",
+            f"At most {limit} units of this item per customer; {already} already held or ordered, "
+            f"requested {requested}",
             {"variant_id": variant_id, "limit": limit, "already": already, "requested": requested},
         )
 
@@ -135,59 +133,3 @@ class Unavailable(DomainError):
     def __init__(self, what: str, retry_after: int = 2):
         super().__init__(f"{what} is unavailable, retry shortly", {"store": what},
                          headers={"Retry-After": str(retry_after)})
-
-
-# --- Redis refusing or unreachable ------------------------------------------------------------
-
-# Error replies with which Redis refuses a command because of the state it is in (memory full, too
-# few replicas, a replica or a replica cut off from its primary, loading its dataset, running a
-# script, persistence failing, the cluster down or resharding), not because of the command: an
-# outage to retry after, like a server that cannot be reached. Any other error reply (WRONGTYPE,
-# a script's own error, NOSCRIPT, NOPERM, ...) is a bug, not an outage.
-# NOTBUSY is not one: it is the answer to SCRIPT KILL when no script runs.
-REDIS_REFUSALS = frozenset({
-    "OOM",          # used memory above maxmemory under noeviction: writes refused
-    "NOREPLICAS",   # fewer replicas than min-replicas-to-write: writes refused
-    "READONLY",     # a read-only replica: writes refused
-    "MASTERDOWN",   # a replica whose link to its primary is down, replica-serve-stale-data no
-    "LOADING",      # loading its dataset after a restart or a full sync
-    "BUSY",         # a script or function ran past busy-reply-threshold
-    "MISCONF",      # the last background save failed with stop-writes-on-bgsave-error yes
-    "UNBLOCKED",    # a blocked command ended by a role change (primary to replica)
-    "CLUSTERDOWN",  # the cluster is down
-    "TRYAGAIN",     # a multi-key command during resharding
-})
-
-# redis-py's prefix on an error it raises for a command of a pipeline (raise_on_error=True)
-_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.DOTALL)
-
-
-def redis_error_code(exc: BaseException) -> str | None:
-    """The code of a Redis error reply (its first word: "OOM", "NOREPLICAS", "WRONGTYPE", ...), or
-    None when `exc` is not an error reply. redis-py keeps the code at the start of the message of a
-    plain `ResponseError` ("NOREPLICAS Not enough good replicas to write."); for the codes it has a
-    class for (OOM, READONLY, LOADING, MASTERDOWN, ...) it strips it into `status_code`."""
-    if not isinstance(exc, redis_exceptions.RedisError):
-        return None
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, str) and status:
-        return status
-    if not isinstance(exc, redis_exceptions.ResponseError):
-        return None
-    message = _PIPELINE_PREFIX.sub("", str(exc.args[0]) if exc.args else "", count=1)
-    first = message.split(" ", 1)[0]
-    return first if first.isupper() else None
-
-
-def store_refusal(exc: BaseException) -> bool:
-    """True when `exc` says Redis cannot be reached (connection refused or lost, a timeout) or
-    refuses work for the state it is in (`REDIS_REFUSALS`): an outage, answered 503 `unavailable`
-    with Retry-After (API.md). False for anything else, other error replies included."""
-    if isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError,
-                        redis_exceptions.ClusterDownError, redis_exceptions.TryAgainError,
-                        redis_exceptions.ReadOnlyError, redis_exceptions.OutOfMemoryError,
-                        redis_exceptions.SlotNotCoveredError)):
-        return True
-    if isinstance(exc, redis_exceptions.ResponseError):
-        return redis_error_code(exc) in REDIS_REFUSALS
-    return False

@@ -128,6 +128,11 @@ def catalog_version() -> str:
     return f"{PREFIX}catalog-version"
 
 
+def readiness_probe() -> str:
+    """String written by /readyz (with a short TTL): a Redis that refuses writes is not ready."""
+    return f"{PREFIX}readyz"
+
+
 def reconcile_lock() -> str:
     return f"{PREFIX}lock:reconcile"
 

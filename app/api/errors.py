@@ -9,6 +9,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from app.engine.failures import redis_error_code, store_refusal
 from app.errors import DomainError, Unavailable, error_body
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,12 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     return response
 
 
-# A store that cannot be reached is 503 `unavailable` with Retry-After (API.md), never a 500.
-_STORE_ERRORS = {
-    "redis": (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-              redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError,
-              redis.exceptions.TryAgainError, redis.exceptions.MasterDownError),
-    "database": (OperationalError, PoolTimeout),
-}
+# A store that cannot be reached, or Redis refusing work for the state it is in (an error reply
+# such as OOM, NOREPLICAS, READONLY, LOADING, MASTERDOWN, BUSY: app.engine.failures), is 503
+# `unavailable` with Retry-After (API.md), never a 500. Every redis-py error goes through
+# store_refusal; one that is not an outage (WRONGTYPE, a script's own error, ...) is a bug: 500.
+_REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+_DATABASE_ERRORS = (OperationalError, PoolTimeout)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -69,17 +69,23 @@ def register_error_handlers(app: Flask) -> None:
             headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
         return error_response(status, code, message, details, headers)
 
-    def _down(store: str):
-        def handler(exc):
-            log.warning("%s unavailable: %s", store, type(exc).__name__)
-            return _domain(Unavailable(store))
-        return handler
-
-    for store, classes in _STORE_ERRORS.items():
-        for cls in classes:
-            app.register_error_handler(cls, _down(store))
-
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("unhandled error")
         return error_response(500, "internal_error", "Internal server error")
+
+    def _redis(exc: Exception):
+        if not store_refusal(exc):
+            return _unexpected(exc)
+        code = redis_error_code(exc)
+        log.warning("redis unavailable: %s%s", type(exc).__name__, f" ({code})" if code else "")
+        return _domain(Unavailable("redis"))
+
+    def _database(exc: Exception):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return _domain(Unavailable("database"))
+
+    for cls in _REDIS_ERRORS:
+        app.register_error_handler(cls, _redis)
+    for cls in _DATABASE_ERRORS:
+        app.register_error_handler(cls, _database)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple, Sequence
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from app.engine import lane as lane_mod
 from app.engine.scripts import key_count, names, source
@@ -85,9 +85,7 @@ class ScriptRunner:
             self.load_all()
             for i, reply in zip(missing, self._send([calls[i] for i in missing])):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
+        _raise_errors(replies)
         return replies
 
     def prepare(self, name: str, keys: Sequence, nargs: int) -> Prepared:
@@ -118,9 +116,7 @@ class ScriptRunner:
         if isinstance(replies[0], NoScriptError):
             self.load_all()
             replies = self.lane.call_many(packed, count)  # the commands beside it are reads or idempotent
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
+        _raise_errors(replies)
         return replies[0], _shaped(commands, replies[1:])
 
     # -- sending ----------------------------------------------------------------------------------
@@ -143,6 +139,14 @@ class ScriptRunner:
         if isinstance(c, Script):
             return lane_mod.pack("EVALSHA", self.sha[c.name], len(c.keys), *c.keys, *c.args)
         return lane_mod.pack(*c)
+
+
+def _raise_errors(replies: list) -> None:
+    """Raise the first error reply: redis-py's class for it, a `ResponseError` or, for LOADING, a
+    `BusyLoadingError` (which redis-py files under ConnectionError)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _shaped(calls: Sequence, replies: list) -> list:
