@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from sqlalchemy import Engine
@@ -19,7 +19,6 @@ class Container:
     """Everything a service function needs, built once per process."""
 
     settings: Settings
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def db(self) -> Engine:
@@ -80,6 +79,13 @@ class Container:
         return Reconciler(self.runner, self.holds, self.cart_store, self.stock_repository, self.settings)
 
     # -- the services (app/services/): each built here, once, from the parts above ---------------
+
+    @cached_property
+    def catalog(self):
+        """Categories, products and variants (app.services.catalog.CatalogService)."""
+        from app.services.catalog import CatalogService
+
+        return CatalogService(self.sessions, self.holds, self.redis)
 
     @cached_property
     def pricing(self):

@@ -1,33 +1,24 @@
 """Dynamic pricing: which rules apply to a line, and the unit price they leave (API.md, Pricing).
 
 Pure domain logic: no Flask, no Redis, no database. Money is `Decimal` end to end; the unit price
-is quantised once, half-up, to cents.
+is quantised once, half-up, to cents (`app.money.cents`), and written as `app.money.money` writes it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Iterable, Optional
+
+from app.money import cents, money
 
 BULK, USER_TIER, SEASONAL = "BULK", "USER_TIER", "SEASONAL"
 RULE_TYPES = (BULK, USER_TIER, SEASONAL)
 MULTIPLICATIVE, ADDITIVE = "multiplicative", "additive"
 STACKINGS = (MULTIPLICATIVE, ADDITIVE)
 
-CENT = Decimal("0.01")
 ZERO = Decimal("0")
 HUNDRED = Decimal("100")
-
-
-def to_cents(amount: Decimal) -> Decimal:
-    """Round half-up to two places (the one rounding rule of the service)."""
-    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
-
-
-def money_str(amount: Decimal) -> str:
-    """A money amount or percent as the API writes it: "550.00"."""
-    return format(to_cents(amount), "f")
 
 
 @dataclass(frozen=True)
@@ -179,11 +170,11 @@ def quote(*, base_price: Decimal, variant_adjustment: Decimal, quantity: int, us
         # so the amounts add up to the discount actually given.
         discount = min(discount, remaining)
         remaining -= discount
-        applied.append(AppliedRule(rule.id, rule.name, rule.type, rule.percent, to_cents(discount)))
+        applied.append(AppliedRule(rule.id, rule.name, rule.type, rule.percent, cents(discount)))
 
-    unit_price = to_cents(remaining)
+    unit_price = cents(remaining)
     if unit_price <= ZERO:  # never below zero, and never "-0.00"
-        unit_price = ZERO.quantize(CENT)
+        unit_price = cents(ZERO)
     return Quote(
         product_id=product_id,
         variant_id=variant_id,
@@ -195,14 +186,14 @@ def quote(*, base_price: Decimal, variant_adjustment: Decimal, quantity: int, us
         applied_rules=tuple(applied),
         stacking=stacking,
         unit_price=unit_price,
-        line_total=to_cents(unit_price * quantity),
+        line_total=cents(unit_price * quantity),
         currency=currency,
     )
 
 
 def applied_rule_to_json(rule: AppliedRule) -> dict:
     return {"id": rule.id, "name": rule.name, "type": rule.type,
-            "percent": money_str(rule.percent), "amount": money_str(rule.amount)}
+            "percent": money(rule.percent), "amount": money(rule.amount)}
 
 
 def quote_to_json(q: Quote) -> dict:
@@ -212,12 +203,12 @@ def quote_to_json(q: Quote) -> dict:
         "variant_id": q.variant_id,
         "quantity": q.quantity,
         "user_tier": q.user_tier,
-        "base_price": money_str(q.base_price),
-        "variant_adjustment": money_str(q.variant_adjustment),
-        "list_price": money_str(q.list_price),
+        "base_price": money(q.base_price),
+        "variant_adjustment": money(q.variant_adjustment),
+        "list_price": money(q.list_price),
         "applied_rules": [applied_rule_to_json(r) for r in q.applied_rules],
         "stacking": q.stacking,
-        "unit_price": money_str(q.unit_price),
-        "line_total": money_str(q.line_total),
+        "unit_price": money(q.unit_price),
+        "line_total": money(q.line_total),
         "currency": q.currency,
     }

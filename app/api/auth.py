@@ -10,14 +10,24 @@ from app.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 
+# Public with or without the trailing slash (API.md, Conventions and Auth); compared whole.
 PUBLIC_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs")
+# The documentation's own pages and assets.
+PUBLIC_PREFIXES = ("/docs/",)
 PUBLIC_READ_PREFIXES = ("/api/products", "/api/pricing")
 STOREFRONT_PREFIXES = ("/api/cart", "/api/orders")
 
 
+def is_public_path(path: str) -> bool:
+    """A public path of API.md: one of PUBLIC_PATHS with or without one trailing slash, or under
+    PUBLIC_PREFIXES. Nothing else: "/healthzz", "/docsx" or "/metrics/" are not public."""
+    bare = path[:-1] if len(path) > 1 and path.endswith("/") else path
+    return bare in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 def required_role(method: str, path: str) -> str | None:
     """The role a request needs: None (public), 'storefront' or 'admin'."""
-    if path in PUBLIC_PATHS or path.startswith("/docs"):
+    if is_public_path(path):
         return None
     if method in ("GET", "HEAD", "OPTIONS") and path.startswith(PUBLIC_READ_PREFIXES):
         return None

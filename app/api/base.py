@@ -14,6 +14,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from app.errors import BadJson, DomainError, ValidationFailed
+from app.money import money
 
 MAX_ID = 2**31 - 1
 MAX_QUANTITY = 1_000_000
@@ -159,11 +160,7 @@ class Money(fields.Decimal):
         return result.quantize(type(result)("0.01"))
 
     def _serialize(self, value, attr, obj, **kwargs):
-        if value is None:
-            return None
-        from decimal import Decimal
-
-        return format(Decimal(value).quantize(Decimal("0.01")), "f")
+        return None if value is None else money(value)
 
 
 class Timestamp(fields.DateTime):

@@ -11,7 +11,6 @@ from app.api import catalog_schemas as sch
 from app.api.auth import actor
 from app.api.base import MAX_ID, Blueprint
 from app.api.context import container
-from app.services import catalog
 
 blp = Blueprint("catalog", __name__, url_prefix="/api/products",
                 description="Products, categories and variants. Reads are public; writes need the admin key.")
@@ -32,7 +31,7 @@ class Categories(MethodView):
     @blp.response(200, sch.category_page)
     def get(self, args):
         """List categories"""
-        return catalog.list_categories(container().sessions, **args)
+        return container().catalog.list_categories(**args)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.category_schema)
@@ -40,8 +39,7 @@ class Categories(MethodView):
     @_not_found("parent category")
     def post(self, data):
         """Create a category"""
-        c = container()
-        return catalog.create_category(c.sessions, data, redis=c.redis)
+        return container().catalog.create_category(data)
 
 
 @blp.route(f"/categories/<{ID}:category_id>/")
@@ -50,7 +48,7 @@ class CategoryById(MethodView):
     @_not_found("category")
     def get(self, category_id):
         """Get a category"""
-        return catalog.get_category(container().sessions, category_id)
+        return container().catalog.get_category(category_id)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.category_schema)
@@ -58,16 +56,14 @@ class CategoryById(MethodView):
     @_not_found("category or parent category")
     def put(self, data, category_id):
         """Replace a category (a category cannot be its own ancestor)"""
-        c = container()
-        return catalog.update_category(c.sessions, category_id, data, redis=c.redis)
+        return container().catalog.update_category(category_id, data)
 
     @blp.doc(**WRITE)
     @blp.response(204)
     @_not_found("category")
     def delete(self, category_id):
         """Delete a category; its children become top-level and its products uncategorised"""
-        c = container()
-        catalog.delete_category(c.sessions, category_id, redis=c.redis)
+        container().catalog.delete_category(category_id)
 
 
 # --- variants --------------------------------------------------------------------------------
@@ -78,7 +74,7 @@ class Variants(MethodView):
     @blp.response(200, sch.variant_page)
     def get(self, args):
         """List variants, optionally of one product"""
-        return catalog.list_variants(container().sessions, **args)
+        return container().catalog.list_variants(**args)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.variant_create_schema)
@@ -87,8 +83,7 @@ class Variants(MethodView):
     @blp.alt_response(409, description="The SKU is taken (`duplicate_sku`)")
     def post(self, data):
         """Create a variant with its initial stock"""
-        c = container()
-        return catalog.create_variant(c.sessions, data, actor=actor(), redis=c.redis)
+        return container().catalog.create_variant(data, actor=actor())
 
 
 @blp.route(f"/variants/<{ID}:variant_id>/")
@@ -97,7 +92,7 @@ class VariantById(MethodView):
     @_not_found("variant")
     def get(self, variant_id):
         """Get a variant"""
-        return catalog.get_variant(container().sessions, variant_id)
+        return container().catalog.get_variant(variant_id)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.variant_schema)
@@ -106,8 +101,7 @@ class VariantById(MethodView):
     @blp.alt_response(409, description="The SKU is taken (`duplicate_sku`)")
     def put(self, data, variant_id):
         """Replace a variant; stock is changed only through the inventory API"""
-        c = container()
-        return catalog.update_variant(c.sessions, variant_id, data, redis=c.redis)
+        return container().catalog.update_variant(variant_id, data)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.variant_patch_schema)
@@ -116,8 +110,7 @@ class VariantById(MethodView):
     @blp.alt_response(409, description="The SKU is taken (`duplicate_sku`)")
     def patch(self, data, variant_id):
         """Change some fields of a variant; stock is changed only through the inventory API"""
-        c = container()
-        return catalog.update_variant(c.sessions, variant_id, data, redis=c.redis)
+        return container().catalog.update_variant(variant_id, data)
 
     @blp.doc(**WRITE)
     @blp.response(204)
@@ -125,8 +118,7 @@ class VariantById(MethodView):
     @blp.alt_response(409, description="The variant is held in a cart (`variant_has_active_holds`)")
     def delete(self, variant_id):
         """Delete a variant and its stock row"""
-        c = container()
-        catalog.delete_variant(c.sessions, c.holds, variant_id, redis=c.redis)
+        container().catalog.delete_variant(variant_id)
 
 
 # --- products --------------------------------------------------------------------------------
@@ -137,7 +129,7 @@ class Products(MethodView):
     @blp.response(200, sch.product_page)
     def get(self, args):
         """List products, optionally by category and status"""
-        return catalog.list_products(container().sessions, **args)
+        return container().catalog.list_products(**args)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.product_schema)
@@ -145,8 +137,7 @@ class Products(MethodView):
     @_not_found("category")
     def post(self, data):
         """Create a product"""
-        c = container()
-        return catalog.create_product(c.sessions, data, redis=c.redis)
+        return container().catalog.create_product(data)
 
 
 @blp.route(f"/<{ID}:product_id>/")
@@ -155,7 +146,7 @@ class ProductById(MethodView):
     @_not_found("product")
     def get(self, product_id):
         """Get a product with its variants"""
-        return catalog.get_product(container().sessions, product_id)
+        return container().catalog.get_product(product_id)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.product_schema)
@@ -163,8 +154,7 @@ class ProductById(MethodView):
     @_not_found("product or category")
     def put(self, data, product_id):
         """Replace a product (fields left out take their defaults)"""
-        c = container()
-        return catalog.update_product(c.sessions, product_id, data, redis=c.redis)
+        return container().catalog.update_product(product_id, data)
 
     @blp.doc(**WRITE)
     @blp.arguments(sch.product_patch_schema)
@@ -172,8 +162,7 @@ class ProductById(MethodView):
     @_not_found("product or category")
     def patch(self, data, product_id):
         """Change some fields of a product"""
-        c = container()
-        return catalog.update_product(c.sessions, product_id, data, redis=c.redis)
+        return container().catalog.update_product(product_id, data)
 
     @blp.doc(**WRITE)
     @blp.response(204)
@@ -181,5 +170,4 @@ class ProductById(MethodView):
     @blp.alt_response(409, description="A variant is held in a cart (`product_has_active_holds`)")
     def delete(self, product_id):
         """Delete a product with its variants and their stock rows"""
-        c = container()
-        catalog.delete_product(c.sessions, c.holds, product_id, redis=c.redis)
+        container().catalog.delete_product(product_id)

@@ -9,6 +9,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from app.api.base import MAX_ID, MAX_QUANTITY, Id, Money, Timestamp, WholeMatch, list_schema
+from app.money import cents, money
 from app.pricing import RULE_TYPES, STACKINGS
 
 TIER_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -38,12 +39,12 @@ class Percent(fields.Decimal):
             raise ma.ValidationError("A percent has at most two decimal places.")
         if not Decimal(0) <= result <= Decimal(100):
             raise ma.ValidationError("Must be between 0 and 100.")
-        return abs(result).quantize(Decimal("0.01"))  # abs: "-0" is zero, never echoed signed
+        return cents(abs(result))  # abs: "-0" is zero, never echoed signed
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
             return None
-        return format(Decimal(value).quantize(Decimal("0.01")), "f")
+        return money(value)
 
 
 class UtcTimestamp(Timestamp):

@@ -13,7 +13,7 @@ _INCLUDE = re.compile(r"^--@include (\w+)\s*$", re.MULTILINE)
 _NAME = re.compile(r"^(?P<name>[a-zA-Z]+)-(?P<keys>\d+)\.lua$")
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=64)  # one entry per script of lua/
 def source(name: str) -> str:
     """The full text of lua/<name>-<n>.lua with its includes expanded."""
     path = _path(name)

@@ -1,22 +1,26 @@
 """Pricing rules (CRUD) and the price of a line, from the database through a per-process cache.
 
 The module-level functions take a session and leave the transaction to their caller;
-`PricingService` owns the transactions, bumps the catalog version after every rule write, and
-caches what pricing reads (active rules, products, variants) keyed by that version, so a price is
-never computed from a stale rule once a change has been acknowledged.
+`PricingService` owns the transactions (every rule write runs in `with self._write(fields) as session:`,
+which commits and then bumps the catalog version), and caches what pricing reads (active rules,
+products, variants, quotes) keyed by that version, so a price is never computed from a stale rule
+once a change has been acknowledged. Every cache is bounded by CACHE_MAX_ENTRIES.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from app import catalog_cache, pricing
 from app.clock import utcnow
@@ -42,6 +46,7 @@ MAX_CATEGORY_DEPTH = 64
 # A backstop only: the version check is what keeps prices fresh. It bounds how long a cache could
 # survive a Redis that lost the version key and counted back up to the same number.
 CACHE_MAX_AGE_SECONDS = 60.0
+# At most this many products and variants together, and at most this many quotes, per process.
 CACHE_MAX_ENTRIES = 50_000
 
 
@@ -191,10 +196,15 @@ class _Snapshot:
     quotes: dict[tuple, tuple[pricing.Quote, datetime]] = field(default_factory=dict)
     next_boundary: Optional[datetime] = None
 
+    def has_room(self) -> bool:
+        """Whether one more product or variant may be cached (ids come from clients: bounded)."""
+        return len(self.products) + len(self.variants) < CACHE_MAX_ENTRIES
+
     def fresh_for(self, version: Optional[int]) -> bool:
+        # A full snapshot is replaced by an empty one for the same version.
         return (version is not None and self.version == version
                 and time.monotonic() - self.born < CACHE_MAX_AGE_SECONDS
-                and len(self.products) + len(self.variants) < CACHE_MAX_ENTRIES)
+                and self.has_room())
 
 
 class PricingService:
@@ -216,25 +226,43 @@ class PricingService:
             return get_rule(session, rule_id)
 
     def create_rule(self, fields: dict[str, Any]) -> PricingRule:
-        return self._write(create_rule, fields)
+        with self._write(fields) as session:
+            return create_rule(session, fields)
 
     def replace_rule(self, rule_id: int, fields: dict[str, Any]) -> PricingRule:
-        return self._write(replace_rule, rule_id, fields)
+        with self._write(fields, rule_id) as session:
+            return replace_rule(session, rule_id, fields)
 
     def update_rule(self, rule_id: int, changes: dict[str, Any]) -> PricingRule:
-        return self._write(update_rule, rule_id, changes)
+        with self._write(changes, rule_id) as session:
+            return update_rule(session, rule_id, changes)
 
     def delete_rule(self, rule_id: int) -> None:
-        self._write(delete_rule, rule_id)
+        with self._write({}, rule_id) as session:
+            delete_rule(session, rule_id)
 
-    def _write(self, fn, *args):
-        # Fail before writing when Redis is down: a committed rule whose bump is lost would be
-        # priced stale by other processes.
-        self.redis.ping()
-        with self.sessions.begin() as session:
-            result = fn(session, *args)
-        catalog_cache.bump(self.redis)
-        return result
+    @contextmanager
+    def _write(self, fields: dict[str, Any], rule_id: Optional[int] = None) -> Iterator[Session]:
+        """The transaction of every rule write: catalog_cache.write pings Redis first (a rule
+        committed while its bump is lost would be priced stale by other processes), commits, then
+        bumps the catalog version. A refusal by the database that a concurrent writer caused (the
+        rule, or the product or category it is scoped to, deleted after our checks) is the 404 the
+        checks give."""
+        try:
+            with catalog_cache.write(self.sessions, self.redis) as session:
+                yield session
+        except (IntegrityError, StaleDataError) as exc:
+            raise self._explain(fields, rule_id, exc) from exc
+
+    def _explain(self, fields: dict[str, Any], rule_id: Optional[int], exc: Exception) -> Exception:
+        with self.sessions() as session:
+            if rule_id is not None and session.get(PricingRule, rule_id) is None:
+                return NotFound("pricing rule", rule_id)
+            for name, model, what in (("product_id", Product, "product"), ("category_id", Category, "category")):
+                ident = fields.get(name)
+                if ident is not None and session.get(model, ident) is None:
+                    return NotFound(what, ident)
+        return exc
 
     # -- prices --------------------------------------------------------------------------
 
@@ -361,7 +389,8 @@ class PricingService:
                     raise NotFound("product", product_id)
                 info = ProductInfo(row.id, Decimal(row.base_price), row.status,
                                    category_chain(session, row.category_id))
-            snapshot.products[product_id] = info
+            if snapshot.has_room():
+                snapshot.products[product_id] = info
         return info
 
     def _variant(self, snapshot: _Snapshot, variant_id: int) -> VariantInfo:
@@ -376,5 +405,6 @@ class PricingService:
                 if row is None:
                     raise NotFound("variant", variant_id)
                 info = VariantInfo(row.id, row.product_id, row.sku, Decimal(row.price_adjustment), row.status)
-            snapshot.variants[variant_id] = info
+            if snapshot.has_room():
+                snapshot.variants[variant_id] = info
         return info

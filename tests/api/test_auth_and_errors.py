@@ -6,6 +6,7 @@ import re
 import pytest
 
 from app import create_app
+from app.api.auth import required_role
 from app.composition import Container
 from app.settings import load_settings
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY
@@ -91,6 +92,34 @@ def test_metrics_need_the_admin_key_when_auth_is_on(secured):
     response = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert response.status_code == 200
     assert b"inventory_request_seconds" in response.data
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/healthz/", "/readyz", "/readyz/", "/openapi.json", "/docs", "/docs/"])
+def test_health_readiness_and_docs_need_no_key_with_or_without_the_trailing_slash(secured, path):
+    response = secured.test_client().get(path)
+    assert response.status_code == 200, (path, response.get_data(as_text=True)[:300])
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics/"])
+def test_metrics_need_the_admin_key_with_or_without_the_trailing_slash(secured, path):
+    client = secured.test_client()
+    response = client.get(path)
+    assert response.status_code == 401, path
+    assert response.get_json()["error"]["code"] == "unauthorized"
+    assert client.get(path, headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}).status_code == 403
+    assert client.get(path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/healthz/", "/readyz", "/readyz/", "/openapi.json",
+                                  "/openapi.json/", "/docs", "/docs/", "/docs/swagger-ui.css"])
+def test_the_public_paths_need_no_role(path):
+    assert required_role("GET", path) is None
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics/", "/healthzz", "/healthz//", "/readyz/x", "/healthz.json",
+                                  "/docsx", "/openapi.jsonx", "/x/healthz", "/api/ops/reconcile/", "/", ""])
+def test_nothing_that_only_looks_like_a_public_path_is_public(path):
+    assert required_role("GET", path) == "admin"
 
 
 def test_a_too_large_body_is_413_with_the_error_body(client):

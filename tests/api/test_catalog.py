@@ -61,7 +61,7 @@ class FakeStock:
 @pytest.fixture
 def stock(container):
     fake = FakeStock()
-    container.__dict__["stock"] = fake  # replaces the cached engine the app asks for
+    container.__dict__["holds"] = fake  # replaces the cached hold engine the catalog asks for
     return fake
 
 

@@ -442,3 +442,86 @@ def test_the_admin_is_recorded_as_the_actor_of_initial_stock(secured, secured_ro
     with sessions() as s:
         movement = s.scalars(select(StockMovement).where(StockMovement.variant_id == variant_id)).one()
     assert (movement.actor, movement.kind, movement.delta) == ("admin", "initial", 3)
+
+
+# --- a row referred to is deleted by another transaction after the check --------------------
+
+def _rows_by_key(sessions) -> dict:
+    """Every catalog row by table and primary key, column by column."""
+    with sessions() as s:
+        return {
+            model.__tablename__: {
+                tuple(getattr(row, c.key) for c in model.__table__.primary_key.columns):
+                    tuple(repr(getattr(row, c.key)) for c in model.__table__.columns)
+                for row in s.scalars(select(model))
+            }
+            for model in TABLES
+        }
+
+
+# (what the request refers to, how the test builds the request from `rows` and two fresh rows)
+CONCURRENT_DELETES = {
+    "product created in a category": (
+        "category", lambda f: ("post", "/api/products/",
+                               {"name": "Racer", "base_price": "1.00", "category_id": f["category"]})),
+    "variant created for a product": (
+        "product", lambda f: ("post", "/api/products/variants/",
+                              {"product_id": f["product"], "sku": "RACE-NEW", "on_hand": 3})),
+    "category created under a parent": (
+        "category", lambda f: ("post", "/api/products/categories/",
+                               {"name": "Child", "parent_id": f["category"]})),
+    "product moved to a category": (
+        "category", lambda f: ("patch", f"/api/products/{f['rows']['product']['id']}/",
+                               {"category_id": f["category"]})),
+    "variant moved to a product": (
+        "product", lambda f: ("patch", f"/api/products/variants/{f['rows']['variant']['id']}/",
+                              {"product_id": f["product"]})),
+    "category moved under a parent": (
+        "category", lambda f: ("put", f"/api/products/categories/{f['rows']['category']['id']}/",
+                               {"name": "Laptops", "parent_id": f["category"]})),
+}
+
+
+@pytest.mark.parametrize("case", list(CONCURRENT_DELETES))
+def test_a_row_deleted_between_the_check_and_the_write_is_404_and_nothing_is_written(
+        client, rows, sessions, redis_client, database_url, monkeypatch, case):
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): no other transaction can delete meanwhile")
+    from sqlalchemy import delete
+
+    from app.services import catalog
+
+    victim_kind, build = CONCURRENT_DELETES[case]
+    fresh = {
+        "category": client.post("/api/products/categories/", json={"name": "Doomed"}).get_json()["id"],
+        "product": client.post("/api/products/", json={"name": "Doomed", "base_price": "2.00"}).get_json()["id"],
+        "rows": rows,
+    }
+    model = {"category": Category, "product": Product}[victim_kind]
+    victim = fresh[victim_kind]
+    method, path, body = build(fresh)
+
+    real_require, deleted = catalog._require, []
+
+    def require_then_lose_the_race(session, checked_model, ident, what):
+        real_require(session, checked_model, ident, what)  # the row is there...
+        if checked_model is model and ident == victim and not deleted:
+            # ...and another transaction deletes it and commits before this one writes.
+            with sessions.begin() as other:
+                other.execute(delete(model).where(model.id == victim))
+            deleted.append(victim)
+
+    monkeypatch.setattr(catalog, "_require", require_then_lose_the_race)
+    before, version = _rows_by_key(sessions), redis_client.get(keys.catalog_version())
+
+    response = getattr(client, method)(path, json=body)
+
+    assert deleted == [victim], "the window between the check and the write was not opened"
+    assert response.status_code == 404, response.get_json()
+    assert response.get_json() == {"error": {
+        "code": "not_found", "message": f"{victim_kind} {victim} not found",
+        "details": {"resource": victim_kind, "id": victim}}}
+    expected = before
+    del expected[model.__tablename__][(victim,)]
+    assert _rows_by_key(sessions) == expected  # only the other transaction's delete happened
+    assert redis_client.get(keys.catalog_version()) == version

@@ -497,3 +497,78 @@ def test_openapi_documents_the_pricing_routes_and_their_security(client):
     assert "security" not in paths["/api/pricing/rules/"]["get"]
     query = {p["name"] for p in paths["/api/pricing/{product_id}/price/"]["get"]["parameters"]}
     assert {"quantity", "user_tier", "variant_id", "at"} <= query
+
+
+# --- what a rule refers to is deleted by another transaction after the check ---------------
+
+@pytest.mark.parametrize("scope", ["product_id", "category_id"])
+def test_a_rule_whose_scope_is_deleted_after_the_check_is_404_and_nothing_is_written(
+        client, sessions, redis_client, database_url, monkeypatch, scope):
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): no other transaction can delete meanwhile")
+    from sqlalchemy import delete
+
+    from app.services import pricing as pricing_service
+
+    model = {"product_id": Product, "category_id": Category}[scope]
+    victim = add_product(sessions)[0] if scope == "product_id" else add_category(sessions, "Doomed")
+    catalog_cache.start(redis_client)
+    real_check, deleted = pricing_service._check_rule, []
+
+    def check_then_lose_the_race(session, values):
+        real_check(session, values)  # the product or category is there...
+        if not deleted:
+            # ...and another transaction deletes it and commits before this one writes.
+            with sessions.begin() as other:
+                other.execute(delete(model).where(model.id == victim))
+            deleted.append(victim)
+
+    monkeypatch.setattr(pricing_service, "_check_rule", check_then_lose_the_race)
+    with nothing_written_guard(sessions, redis_client):
+        response = client.post(RULES, json={**BULK_5, scope: victim})
+    assert deleted == [victim], "the window between the check and the write was not opened"
+    what = scope.removesuffix("_id")
+    assert_error(response, 404, "not_found")
+    assert response.get_json()["error"]["details"] == {"resource": what, "id": victim}
+
+
+def test_a_rule_deleted_while_it_is_being_changed_is_404(client, sessions, redis_client, database_url, monkeypatch):
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): no other transaction can delete meanwhile")
+    from sqlalchemy import delete
+
+    from app.services import pricing as pricing_service
+
+    rule_id = client.post(RULES, json=BULK_5).get_json()["id"]
+    real_check, deleted = pricing_service._check_rule, []
+
+    def check_then_lose_the_race(session, values):
+        real_check(session, values)
+        if not deleted:
+            with sessions.begin() as other:
+                other.execute(delete(PricingRule).where(PricingRule.id == rule_id))
+            deleted.append(rule_id)
+
+    monkeypatch.setattr(pricing_service, "_check_rule", check_then_lose_the_race)
+    with nothing_written_guard(sessions, redis_client):
+        response = client.patch(f"{RULES}{rule_id}/", json={"priority": 9})
+    assert deleted == [rule_id]
+    assert_error(response, 404, "not_found")
+    assert response.get_json()["error"]["details"] == {"resource": "pricing rule", "id": rule_id}
+
+
+class nothing_written_guard:
+    """No rule changed (beyond the other transaction's delete) and the catalog version did not move."""
+
+    def __init__(self, sessions, redis_client):
+        self.sessions, self.redis = sessions, redis_client
+
+    def __enter__(self):
+        self.rules, self.version = rules_state(self.sessions), catalog_cache.read(self.redis)
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            after = rules_state(self.sessions)
+            assert set(after) <= set(self.rules), "a refused request wrote a rule"
+            assert catalog_cache.read(self.redis) == self.version
