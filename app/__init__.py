@@ -42,6 +42,9 @@ def create_app(settings: Settings | None = None, container: Container | None = N
 
     register_api(app)
 
+    # the hot path's connection is built now, not on the first add (and checks the redis-py
+    # internals it relies on: a changed redis-py fails here, loudly)
+    container.runner  # noqa: B018
     _enable_expiry_events(container)
     if not settings.auth_enabled:
         log.warning("API_KEYS is empty: authentication is OFF (development mode only)")

@@ -17,6 +17,23 @@ each call to the primary owning its slot.
 Nothing is ever sent twice on a fault (as with the rest of the service: no silent re-sends; a reserve
 sent twice would reserve twice): a `ConnectionError` or `TimeoutError` reaches the caller, and the
 next call connects again.
+
+What a lane finds out about its connection before sending on it, and what it cannot:
+- closed by the server (a restart, CLIENT KILL, a client timeout) while it sat idle for more than
+  IDLE_CHECK_SECONDS: the close has reached this host as a FIN or RST, the socket reads as ready
+  while no reply is due, and the connection is replaced before anything is written on it;
+- closed within IDLE_CHECK_SECONDS of the last call: not looked at (a busy connection pays no system
+  call for the check). The command is written into the dead socket, the read finds it closed, and
+  the call raises `ConnectionError` with the connection dropped; the next call connects again. The
+  command is not sent again: a connection found closed after a write cannot prove the write was not
+  read and run (a server can run a command and close before its reply goes out);
+- silently dead (no FIN ever arrives: a host or network gone, a middlebox that dropped the flow):
+  no local check can tell. The call waits socket_timeout, drops the connection and raises
+  `TimeoutError`.
+
+Everything this module takes from redis-py beyond its public API is checked by `check_redis_py()`
+whenever a Lane is made (an app can also call it at start), so a redis-py that changed fails there,
+loudly, with the internal it misses, instead of somewhere inside a request.
 """
 from __future__ import annotations
 
@@ -30,9 +47,15 @@ import weakref
 from typing import Iterable, Sequence
 
 import hiredis
-from redis._parsers import BaseParser
+import redis as redis_py
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError, InvalidResponse, NoScriptError, ResponseError, TimeoutError
+
+# The redis-py release this module was written and tested against (setup.cfg pins it).
+WRITTEN_FOR = "8.1.0"
+
+# Connection arguments of a redis-py pool that only a RESP3 connection can take; a lane speaks RESP2.
+_RESP3_ONLY_KWARGS_PREFIX = "maint_notifications"
 
 _lanes: "weakref.WeakSet[Lane]" = weakref.WeakSet()
 
@@ -46,6 +69,80 @@ def _forget_all_in_child() -> None:
 
 os.register_at_fork(after_in_child=_forget_all_in_child)
 
+
+# --- the redis-py internals a lane relies on ------------------------------------------------------
+
+def _redis_py_error(internal: str) -> RuntimeError:
+    return RuntimeError(
+        f"app/engine/lane.py relies on redis-py's {internal}, which the installed redis "
+        f"{getattr(redis_py, '__version__', '(unknown version)')} does not have or no longer behaves as "
+        f"expected; the lane was written for redis {WRITTEN_FOR} (pinned in setup.cfg): install that "
+        f"version, or review the lane against the new one")
+
+
+def _parse_error():
+    """redis-py's error-reply table as a hiredis `replyError` callable (NOSCRIPT as NoScriptError...)."""
+    try:
+        from redis._parsers import BaseParser
+    except ImportError:
+        raise _redis_py_error("redis._parsers.BaseParser (its error-reply table)") from None
+    parse_error = getattr(BaseParser, "parse_error", None)
+    if not callable(parse_error):
+        raise _redis_py_error("redis._parsers.BaseParser.parse_error (its error-reply table)")
+    try:
+        ok = isinstance(parse_error("NOSCRIPT No matching script."), NoScriptError)
+    except Exception:  # noqa: BLE001 - any failure means the table changed
+        ok = False
+    if not ok:
+        raise _redis_py_error("redis._parsers.BaseParser.parse_error (NOSCRIPT parsed as NoScriptError)")
+    return parse_error
+
+
+def _lane_kwargs(pool) -> dict:
+    """The pool's connection arguments as a lane's RESP2 connection takes them."""
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if not k.startswith(_RESP3_ONLY_KWARGS_PREFIX)}
+    kwargs["protocol"] = 2
+    return kwargs
+
+
+def check_redis_py(redis=None) -> None:
+    """Raise RuntimeError, naming it, when an internal of redis-py the lane relies on is missing.
+
+    Checked: `redis._parsers.BaseParser.parse_error` (error replies as redis-py's classes), a
+    Connection's `_sock` (the socket a lane writes and reads), a pool's `connection_kwargs` and
+    `connection_class` (how a lane builds its own connections), the encoder settings a lane's
+    reader copies, and that a connection can be built from the pool's arguments without the RESP3-
+    only `maint_notifications_*` ones. With `redis` (a client), its own pool is checked; without,
+    a default one. Nothing is connected. Called whenever a Lane is made; the app may call it at start.
+    """
+    _parse_error()
+    if redis is None:
+        pool = redis_py.ConnectionPool()
+    else:
+        pool = getattr(redis, "connection_pool", None)
+        if pool is None:
+            raise _redis_py_error("Redis.connection_pool")
+    for name in ("connection_kwargs", "connection_class"):
+        if not hasattr(pool, name):
+            raise _redis_py_error(f"ConnectionPool.{name}")
+    if not isinstance(pool.connection_kwargs, dict):
+        raise _redis_py_error("ConnectionPool.connection_kwargs (a dict of connection arguments)")
+    try:
+        conn = pool.connection_class(**_lane_kwargs(pool))
+    except Exception as exc:  # noqa: BLE001 - an argument the connection class no longer takes
+        raise _redis_py_error(f"ConnectionPool.connection_class(**connection_kwargs) with protocol=2 "
+                              f"({type(exc).__name__}: {exc})") from None
+    if not hasattr(conn, "_sock"):
+        raise _redis_py_error("Connection._sock (the socket of a connected Connection)")
+    encoder = getattr(conn, "encoder", None)
+    for name in ("encoding", "encoding_errors", "decode_responses"):
+        if not hasattr(encoder, name):
+            raise _redis_py_error(f"Connection.encoder.{name}")
+    if not hasattr(conn, "socket_timeout"):
+        raise _redis_py_error("Connection.socket_timeout")
+
+
+# --- packing ----------------------------------------------------------------------------------------
 
 def bulk(value) -> bytes:
     """One RESP bulk string of a str, int or bytes."""
@@ -134,9 +231,13 @@ class _Wire:
     def connect(self) -> None:
         conn = self.conn
         conn.connect()
-        self.sock = conn._sock
+        sock = getattr(conn, "_sock", None)
+        if sock is None:  # connected, yet no socket where redis-py 8.1 keeps it
+            conn.disconnect()
+            raise _redis_py_error("Connection._sock (the socket of a connected Connection)")
+        self.sock = sock
         _kernel_timeouts(self.sock, conn.socket_timeout)
-        options = {"protocolError": InvalidResponse, "replyError": BaseParser.parse_error,
+        options = {"protocolError": InvalidResponse, "replyError": _parse_error(),
                    "errors": conn.encoder.encoding_errors}
         if conn.encoder.decode_responses:
             options["encoding"] = conn.encoder.encoding
@@ -147,8 +248,8 @@ class _Wire:
         self.conn.disconnect()
 
     def roundtrip(self, packed: bytes, count: int) -> list:
-        """Send, then read `count` replies (error replies are returned, not raised). A fault drops
-        the connection and raises redis-py's ConnectionError or TimeoutError."""
+        """Send, then read `count` replies (error replies are returned, not raised, but see
+        `refusal`). A fault drops the connection and raises redis-py's ConnectionError or TimeoutError."""
         sock, reader, buf = self.sock, self.reader, self.buf
         out = []
         try:
@@ -164,7 +265,21 @@ class _Wire:
                 out.append(reply)
         except BaseException as exc:
             raise self.fault(exc) from None
+        for reply in out:
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                raise self.refusal(reply)
         return out
+
+    def refusal(self, error: Exception) -> Exception:
+        """An error reply redis-py does not class as a `ResponseError` but as a `ConnectionError`:
+        the server refused the connection itself, not one command (LOADING while it loads its data
+        after a restart: `BusyLoadingError`; NOAUTH or WRONGPASS: `AuthenticationError`; a full
+        server: "max number of clients reached"). redis-py raises these even from a pipeline that
+        returns error replies in place, and drops the connection; so does a lane (every reply was
+        read, so the connection is in step, but it is not one to keep). Returned in place they would
+        pass for results: callers tell error replies apart as `ResponseError`s."""
+        self.drop()
+        return error
 
     def fault(self, exc: BaseException) -> BaseException:
         """Drop the connection after `exc` (nothing more can be read in step on it); what to raise."""
@@ -188,9 +303,8 @@ class Lane:
     (no push messages can come between replies)."""
 
     def __init__(self, redis):
-        kwargs = {**redis.connection_pool.connection_kwargs, "protocol": 2}
-        kwargs.pop("maint_notifications_pool_handler", None)
-        kwargs.pop("maint_notifications_config", None)
+        check_redis_py(redis)
+        kwargs = _lane_kwargs(redis.connection_pool)
         connection_class = redis.connection_pool.connection_class
         self._make = lambda: _Wire(connection_class(**kwargs))
         self._local = threading.local()
@@ -234,13 +348,16 @@ class Lane:
                 reply = reader.gets()
         except BaseException as exc:
             raise wire.fault(exc) from None
-        if isinstance(reply, ResponseError):
-            raise reply
+        if isinstance(reply, Exception):
+            if isinstance(reply, ResponseError):
+                raise reply
+            raise wire.refusal(reply)
         return reply
 
     def call_many(self, packed: bytes, count: int) -> list:
         """Send `count` packed commands in one write, return their replies in order; an error reply
-        is returned in its place (as a `ResponseError`), so the others are still read."""
+        is returned in its place (as a `ResponseError`), so the others are still read. A refusal of
+        the connection itself (LOADING...) is raised once every reply is read; see `_Wire.refusal`."""
         return self._wire().roundtrip(packed, count)
 
     def execute(self, commands: Iterable[Sequence]) -> list:

@@ -56,7 +56,7 @@ def stack(tmp_path, env, clean_stores):
     child_env.pop("RQ_REDIS_URL", None)
     python = sys.executable
     commands = {
-        "web": [python, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"],
+        "web": [python, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app:create_app()"],
         **{f"listener-{i}": [python, "-m", "app.cli", "listen"] for i in (1, 2)},
         **{f"worker-{i}": [python, "-m", "app.cli", "worker"] for i in (1, 2)},
         **{f"scheduler-{i}": [python, "-m", "app.cli", "scheduler"] for i in (1, 2)},

@@ -58,7 +58,9 @@ def app():
     # No store is needed to build the app and render its OpenAPI document: connections are made
     # on first use, and the start-up check of Redis's expiry events only logs when Redis is absent.
     # An explicit environment keeps the machine's own variables (API_KEYS, APP_ENV) out of it.
-    return create_app(load_settings({"APP_ENV": "test", "DATABASE_URL": "sqlite://", "LOG_LEVEL": "ERROR"}))
+    # a Redis URL nothing answers on: building the app connects to nothing, the document needs no store
+    return create_app(load_settings({"APP_ENV": "test", "DATABASE_URL": "sqlite://", "LOG_LEVEL": "ERROR",
+                                     "REDIS_URL": "redis://127.0.0.1:9/0"}))
 
 
 @pytest.fixture(scope="module")
