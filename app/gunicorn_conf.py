@@ -13,7 +13,7 @@ from app.settings import load_settings
 
 _settings = load_settings()
 
-bind = f"0.0.0.0:{_settings.port}"
+bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"
 # WEB_CONCURRENCY is gunicorn's and Heroku's own convention for the worker count, so it is read here
 # beside gunicorn rather than in app/settings.py.
 workers = int(os.environ.get("WEB_CONCURRENCY") or 4)

@@ -54,6 +54,13 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
+def _url_host(host: str) -> str:
+    """Where to point a browser at the web server bound to `host`."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def child_commands(python: str = sys.executable) -> list[Child]:
     """The processes of DESIGN.md, as this machine's Python runs them."""
     return [
@@ -185,7 +192,7 @@ def _banner(settings: Settings, redis_url: str, embedded: bool, seeded: bool, ch
     redis_note = f"embedded, data in {VAR_DIR / 'redis'}" if embedded else "from REDIS_URL"
     db_note = "demo data seeded" if seeded else "existing data kept"
     lines = [
-        f"inventory run: http://127.0.0.1:{settings.port}/  (API docs /docs, readiness /readyz)",
+        f"inventory run: http://{_url_host(settings.host)}:{settings.port}/  (API docs /docs, readiness /readyz)",
         f"  redis     {redact_url(redis_url)} ({redis_note})",
         f"  database  {settings.redacted_database_url()} ({db_note})",
     ]

@@ -28,6 +28,9 @@ class Settings:
     # The rq queue's Redis (rq cannot use a cluster); defaults to REDIS_URL on a single Redis.
     rq_redis_url: str = ""
     port: int = 8000
+    # The web server's address: loopback unless asked (with auth off in development, it must not
+    # serve the network); the container sets 0.0.0.0.
+    host: str = "127.0.0.1"
     api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> role
     hold_ttl_seconds: int = 900
     sweep_interval_seconds: int = 30
@@ -133,6 +136,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
     rq_redis_url = (env.get("RQ_REDIS_URL") or "").strip()
     if rq_redis_url and not re.match(r"^(redis|rediss|unix)://", rq_redis_url):
         raise SettingsError("RQ_REDIS_URL must start with redis://, rediss:// or unix://")
+    host = (env.get("HOST") or "127.0.0.1").strip()
+    if not re.fullmatch(r"[0-9A-Za-z.:\-\[\]]{1,255}", host):
+        raise SettingsError(f"HOST must be an address or host name to bind, got {host!r}")
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -143,6 +149,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
         redis_cluster=_bool(env, "REDIS_CLUSTER", False),
         rq_redis_url=rq_redis_url,
         port=_int(env, "PORT", 8000, 1, 65535),
+        host=host,
         api_keys=parse_api_keys(env.get("API_KEYS", "")),
         hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 1, 7 * 24 * 3600),
         sweep_interval_seconds=_int(env, "SWEEP_INTERVAL_SECONDS", 30, 1, 24 * 3600),

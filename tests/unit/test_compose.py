@@ -59,6 +59,10 @@ def test_every_long_running_server_has_a_healthcheck(services, name):
     assert services[name].get("healthcheck", {}).get("test"), name
 
 
+def test_only_the_container_binds_every_address(services):
+    assert services["web"]["environment"]["HOST"] == "0.0.0.0"
+
+
 def test_web_is_healthy_only_when_ready(services):
     assert "/readyz" in " ".join(services["web"]["healthcheck"]["test"])
 

@@ -14,6 +14,7 @@ def test_defaults_are_those_of_the_contract():
     assert s.max_units_per_customer == 0
     assert s.currency == "USD"
     assert s.port == 8000
+    assert s.host == "127.0.0.1"
     assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("var/inventory.db")
     assert not s.auth_enabled
 
@@ -31,6 +32,7 @@ def test_defaults_are_those_of_the_contract():
     ({"API_KEYS": "root:abcdefgh12"}, "API_KEYS entries"),
     ({"API_KEYS": "admin:short"}, "API_KEYS: each key"),
     ({"MAX_UNITS_PER_CUSTOMER": "-1"}, "MAX_UNITS_PER_CUSTOMER must be"),
+    ({"HOST": "0.0.0.0; rm"}, "HOST must be"),
 ])
 def test_a_bad_value_is_refused_with_a_one_line_reason(env, fragment):
     with pytest.raises(SettingsError) as info:
@@ -38,6 +40,20 @@ def test_a_bad_value_is_refused_with_a_one_line_reason(env, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("host, bind", [(None, "127.0.0.1:8123"), ("0.0.0.0", "0.0.0.0:8123"), ("::1", "[::1]:8123")])
+def test_the_web_server_binds_loopback_unless_host_says_otherwise(host, bind):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HOST"} | {"PORT": "8123", "APP_ENV": "development"}
+    if host:
+        env["HOST"] = host
+    out = subprocess.run([sys.executable, "-c", "import app.gunicorn_conf as c; print(c.bind)"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == bind
 
 
 def test_production_refuses_to_start_without_keys():
