@@ -113,8 +113,19 @@ class CheckoutInProgress(Conflict):
     code = "checkout_in_progress"
 
 
-class IdempotencyInProgress(Conflict):
-    code = "idempotency_in_progress"
+class IdempotencyKeyReused(DomainError):
+    status, code = 422, "idempotency_key_reused"
+
+    def __init__(self):
+        super().__init__("This Idempotency-Key was used for another request (another body, user or endpoint)")
+
+
+class RequestInProgress(Conflict):
+    code = "request_in_progress"
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__("The first request with this Idempotency-Key is still running; retry shortly",
+                         headers={"Retry-After": str(retry_after)})
 
 
 class Unauthorized(DomainError):

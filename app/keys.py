@@ -119,8 +119,12 @@ def cart(user_id: str) -> str:
     return f"{PREFIX}cart:{{u{user_id}}}"
 
 
-def idempotency(scope: str, user_id: str, key: str) -> str:
-    return f"{PREFIX}idem:{{u{user_id}}}:{scope}:{key}"
+def idempotency(key: str) -> str:
+    """String: an Idempotency-Key's request fingerprint, then its result (the key hashed: any
+    printable text, of a bounded length, with no brace to break a hash tag)."""
+    import hashlib
+
+    return f"{PREFIX}idem:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def catalog_version() -> str:

@@ -161,7 +161,8 @@ def _load_add() -> dict:
 @blp.route("/add/", methods=["POST"])
 @blp.response(201, ItemAndCartSchema)
 @blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active, validation_error")
-@blp.alt_response(409, description="price_changed")
+@blp.alt_response(409, description="price_changed, request_in_progress (Retry-After)")
+@blp.alt_response(422, description="idempotency_key_reused")
 @blp.doc(summary="Reserve units and add them to the cart (merging into an existing line)",
          requestBody={"required": True, "content": {"application/json": {"schema": AddSchema}}}, **_SECURED)
 def add():
@@ -173,7 +174,7 @@ def add():
         return 201, service.add(body["user_id"], body["variant_id"], body["quantity"], body.get("user_tier"),
                                 body.get("price"))
 
-    return reply(*c.idempotency.run_once("add", body["user_id"], _idempotency_key(), do))
+    return reply(*c.idempotency.run_once("add", body["user_id"], _idempotency_key(), body, do))
 
 
 # GET /api/cart/{user_id}/ and PATCH/DELETE /api/cart/{item_id}/ are one templated path to OpenAPI
@@ -217,7 +218,9 @@ def remove(ref):
 @blp.arguments(CheckoutSchema(), required=False)
 @blp.response(201, OrderSchema)
 @blp.alt_response(400, description="empty_cart")
+@blp.alt_response(409, description="checkout_in_progress, cart_changed, request_in_progress (Retry-After)")
 @blp.alt_response(410, description="reservation_expired")
+@blp.alt_response(422, description="idempotency_key_reused")
 @blp.doc(summary="Commit every held line as one order, all-or-nothing", **_SECURED)
 def checkout(_body, user_id):
     c = container()
@@ -231,4 +234,4 @@ def checkout(_body, user_id):
         found = c.checkout.recorded_checkout(user, key)
         return (201, found) if found is not None else None
 
-    return reply(*c.idempotency.run_once("checkout", user, key, do, durable))
+    return reply(*c.idempotency.run_once("checkout", user, key, {}, do, durable))

@@ -1,20 +1,30 @@
-"""Idempotency-Key: a retry with the same key returns the first result and does nothing twice,
-also when the two requests race (the second waits for the first's result)."""
+"""Idempotency-Key: a retry with the same key returns the first result and does nothing twice.
+
+A key names one request: its endpoint (scope), its user and its body, together the request's
+fingerprint. The same key sent with another fingerprint (another body, user or endpoint) is 422
+`idempotency_key_reused` and runs nothing; a retry that arrives while the first request still runs
+is 409 `request_in_progress` with Retry-After. Results (and 4xx refusals) are kept a day.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from typing import Callable
+from typing import Any, Callable
 
 from app import keys
-from app.errors import DomainError, IdempotencyInProgress
+from app.errors import DomainError, IdempotencyKeyReused, RequestInProgress
 
-PENDING = "pending"
 PENDING_TTL_S = 60  # longer than any request; a crashed owner's marker lapses after this
 RESULT_TTL_S = 24 * 3600
-WAIT_S = 10.0
+RETRY_AFTER_S = 1
 
 Result = tuple[int, dict]
+
+
+def fingerprint(scope: str, user: str, body: Any) -> str:
+    """What a key stands for: the endpoint, the user and the request body, hashed."""
+    raw = json.dumps([scope, user, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 class Idempotency:
@@ -23,56 +33,59 @@ class Idempotency:
     def __init__(self, redis):
         self.redis = redis
 
-    def run_once(self, scope: str, user: str, key: str | None, fn: Callable[[], Result],
+    def run_once(self, scope: str, user: str, key: str | None, body: Any, fn: Callable[[], Result],
                  durable: Callable[[], Result | None] | None = None) -> Result:
-        """Run fn once per (scope, user, key); replay its result (or its 4xx error) on a retry.
+        """Run fn once per key; replay its result (or its 4xx error) on a retry of the same request.
 
-        `durable` looks the result up in the database (checkout), for when Redis lost the marker.
+        `durable` looks the result up in the database (checkout), for when Redis lost the marker
+        or its owner died after committing.
+
+        Raises:
+            IdempotencyKeyReused: the key was used for another request.
+            RequestInProgress: the first request with this key is still running.
         """
         if not key:
             return fn()
-        redis = self.redis
-        rkey = keys.idempotency(scope, user, key)
-        if not redis.set(rkey, PENDING, nx=True, ex=PENDING_TTL_S):
-            return self._wait_for(rkey, durable)
+        rkey = keys.idempotency(key)
+        mine = fingerprint(scope, user, body)
+        if not self.redis.set(rkey, json.dumps({"fp": mine}), nx=True, ex=PENDING_TTL_S):
+            return self._replay(rkey, mine, durable)
         if durable is not None:
             found = durable()
             if found is not None:
-                self._store(rkey, *found)
+                self._store(rkey, mine, *found)
                 return found
         try:
-            status, body = fn()
+            status, result = fn()
         except DomainError as exc:
             if exc.status < 500:
-                self._store(rkey, exc.status, exc.body())
+                self._store(rkey, mine, exc.status, exc.body())
             else:
-                redis.delete(rkey)
+                self.redis.delete(rkey)
             raise
         except Exception:
-            redis.delete(rkey)
+            self.redis.delete(rkey)
             raise
-        self._store(rkey, status, body)
-        return status, body
+        self._store(rkey, mine, status, result)
+        return status, result
 
-    def _store(self, rkey: str, status: int, body: dict) -> None:
-        self.redis.set(rkey, json.dumps({"status": status, "body": body}, separators=(",", ":")), ex=RESULT_TTL_S)
+    def _store(self, rkey: str, fp: str, status: int, body: dict) -> None:
+        self.redis.set(rkey, json.dumps({"fp": fp, "status": status, "body": body}, separators=(",", ":")),
+                       ex=RESULT_TTL_S)
 
-    def _wait_for(self, rkey: str, durable) -> Result:
-        deadline = time.monotonic() + WAIT_S
-        delay = 0.005
-        while True:
-            raw = self.redis.get(rkey)
-            if raw is not None and raw != PENDING:
-                stored = json.loads(raw)
-                return stored["status"], stored["body"]
-            if durable is not None:
-                # Also while the marker says pending: its owner may have died after committing (a
-                # killed process, a lost connection), and the database knows the result.
-                found = durable()
-                if found is not None:
-                    return found
-            if raw is None or time.monotonic() > deadline:
-                raise IdempotencyInProgress("A request with this Idempotency-Key is still being processed; retry",
-                                            {"retry": True})
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    def _replay(self, rkey: str, mine: str, durable) -> Result:
+        raw = self.redis.get(rkey)
+        if raw is None:
+            # the first request failed and let the key go between our SET and GET: the client retries
+            raise RequestInProgress(RETRY_AFTER_S)
+        stored = json.loads(raw)
+        if stored.get("fp") != mine:
+            raise IdempotencyKeyReused()
+        if "status" in stored:
+            return stored["status"], stored["body"]
+        if durable is not None:
+            # still pending, but its owner may have died after committing: the database knows
+            found = durable()
+            if found is not None:
+                return found
+        raise RequestInProgress(RETRY_AFTER_S)

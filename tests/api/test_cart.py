@@ -350,8 +350,15 @@ def test_racing_adds_with_one_key_reserve_once(client, container, sessions):
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(go, range(8)))
-    assert all(r.status_code == 201 for r in responses), [r.get_json() for r in responses]
-    assert len({r.get_data() for r in responses}) == 1
+    # each is the first result (replayed) or, while the first still runs, 409 with Retry-After
+    done = [r for r in responses if r.status_code == 201]
+    waiting = [r for r in responses if r.status_code == 409]
+    assert len(done) + len(waiting) == 8, [r.get_json() for r in responses]
+    assert done and len({r.get_data() for r in done}) == 1
+    assert all(r.get_json()["error"]["code"] == "request_in_progress" and r.headers["Retry-After"] for r in waiting)
+    assert counters(container, vid).reserved == 1
+    retried = add(client, "racer", vid, 1, headers={"Idempotency-Key": "same"})
+    assert retried.status_code == 201 and retried.get_data() == done[0].get_data()
     assert counters(container, vid).reserved == 1
 
 
@@ -366,8 +373,11 @@ def test_racing_checkouts_with_one_key_make_one_order(client, container, session
 
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(go, range(6)))
-    assert all(r.status_code == 201 for r in responses), [r.get_json() for r in responses]
-    assert len({r.get_json()["id"] for r in responses}) == 1
+    done = [r for r in responses if r.status_code == 201]
+    assert all(r.status_code in (201, 409) for r in responses), [r.get_json() for r in responses]
+    assert done and len({r.get_json()["id"] for r in done}) == 1
+    retried = client.post("/api/cart/buyer/checkout/", headers={"Idempotency-Key": "pay-1"})
+    assert retried.status_code == 201 and retried.get_json()["id"] == done[0].get_json()["id"]
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(Order)) == 1
         assert s.scalar(select(func.count()).select_from(IdempotencyRecord)) == 1
