@@ -29,7 +29,11 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Swagger UI's files come from the pinned swagger-ui-bundle package, served by the app
+        # (app/api/pages.py), and its validator badge (an image from an outside host) is off:
+        # /docs works offline.
+        OPENAPI_SWAGGER_UI_URL="/docs/swagger-ui/",
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
     )
     app.extensions["container"] = container
     if settings.fault_pause_at:

@@ -67,15 +67,16 @@ def install_body_limit(app: Flask) -> None:
 
 
 def register_api(app: Flask) -> None:
-    from app.api import cart, catalog, health, inventory, ops, orders, pricing
+    from app.api import cart, catalog, health, inventory, ops, orders, pages, pricing
 
     api = ContractApi(app, spec_kwargs={
         "info": {"description": "Redis-first inventory reservation and dynamic pricing service"},
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     })
     app.extensions["smorest_api"] = api
-    for module in (health, catalog, inventory, pricing, cart, orders, ops):
+    for module in (health, catalog, inventory, pricing, cart, orders, ops, pages):
         api.register_blueprint(module.blp)
+    app.register_blueprint(pages.assets)
     install_body_limit(app)
     install_auth(app)
     # Registered after Api so these replace flask-smorest's own HTTPException handler.

@@ -11,9 +11,10 @@ from app.errors import Forbidden, Unauthorized
 log = logging.getLogger(__name__)
 
 # Public with or without the trailing slash (API.md, Conventions and Auth); compared whole.
-PUBLIC_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs")
-# The documentation's own pages and assets.
-PUBLIC_PREFIXES = ("/docs/",)
+PUBLIC_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/ops")
+# The documentation's own pages and assets; the dashboard's script and stylesheet (Flask's static
+# route). The HTML of /ops/ and these hold no data: the dashboard's data needs the admin key.
+PUBLIC_PREFIXES = ("/docs/", "/static/")
 PUBLIC_READ_PREFIXES = ("/api/products", "/api/pricing")
 STOREFRONT_PREFIXES = ("/api/cart", "/api/orders")
 

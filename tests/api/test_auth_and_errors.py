@@ -35,7 +35,7 @@ def _routes(app):
 def _admin_only(method, path):
     if path.startswith(("/api/cart", "/api/orders")):
         return False
-    if path in ("/healthz", "/readyz", "/openapi.json"):
+    if path in ("/healthz", "/readyz", "/openapi.json", "/ops/"):  # /ops/ is the public HTML shell
         return False
     if method == "GET" and path.startswith(("/api/products", "/api/pricing")):
         return False
