@@ -111,23 +111,45 @@ def run_scheduler(settings: Settings, stop=None) -> None:
 def run_worker(settings: Settings, burst: bool = False) -> bool:
     """`inventory worker`: an rq worker on the inventory queue. Jobs are short and idempotent,
     so a SimpleWorker (no fork per job) keeps the sweeper's latency low. rq's worker gives up when
-    Redis goes away under a running job; a fresh one is started once Redis answers again."""
-    import time
+    Redis goes away under a running job; a fresh one is started once Redis answers again, unless
+    SIGTERM or SIGINT asked it to stop (then it finishes the job it runs and exits)."""
+    import signal
+    import threading
 
     import redis as redis_lib
     from rq import Queue, SimpleWorker
 
     from jobs.tasks import QUEUE
 
+    stop = threading.Event()
+
+    class Worker(SimpleWorker):
+        def handle_warm_shutdown_request(self):
+            stop.set()  # rq's own handler: it finishes the current job; we must not start another
+            super().handle_warm_shutdown_request()
+
+    def stop_on_signals() -> None:
+        # until a worker installs rq's handlers, and after one died (its handlers would act on a
+        # worker that is gone), a signal only stops this loop
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     backoff = 0.5
-    while True:
+    while not stop.is_set():
         try:
             connection = rq_connection(settings)
-            worker = SimpleWorker([Queue(QUEUE, connection=connection)], connection=connection)
+            worker = Worker([Queue(QUEUE, connection=connection)], connection=connection)
             return worker.work(burst=burst, with_scheduler=False)
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
             if burst:
                 raise
+            if stop.is_set():
+                break
+            stop_on_signals()
             log.warning("worker lost Redis (%s); starting a new worker in %.1fs", type(exc).__name__, backoff)
-            time.sleep(backoff)
+            stop.wait(backoff)
             backoff = min(backoff * 2, 10)
+    log.info("worker stopped")
+    return False
