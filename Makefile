@@ -26,7 +26,7 @@ lint: $(STAMP)
 # The engine, expiry, reconcile, checkout and job tests again on a 3-primary Redis Cluster that the
 # fixtures start on loopback ports (the rest of the suite needs no second run).
 CLUSTER_TESTS := tests/lua tests/integration/test_engine_concurrency.py tests/integration/test_expiry.py \
-	tests/integration/test_reconcile.py tests/api/test_cart.py tests/jobs
+	tests/integration/test_reconcile.py tests/api/test_cart.py tests/api/test_bundle.py tests/jobs
 .PHONY: test-cluster
 test-cluster: $(STAMP)
 	@rc=0; $(BIN)/python -m pytest -q --redis-cluster $(CLUSTER_TESTS) $(PYTEST_ARGS) || rc=$$?; \

@@ -102,6 +102,16 @@ class Container:
         return CartService(self.holds, self.cart_store, self.pricing, self.settings)
 
     @cached_property
+    def bundle(self):
+        """Several lines added all or nothing (app.services.bundle.BundleService, on
+        app.engine.bundles.Bundles)."""
+        from app.engine.bundles import Bundles
+        from app.services.bundle import BundleService
+
+        return BundleService(Bundles(self.runner, self.holds, self.settings), self.cart_store, self.pricing,
+                             self.settings)
+
+    @cached_property
     def checkout(self):
         """Carts into orders, and the orders (app.services.checkout.CheckoutService)."""
         from app.services.checkout import CheckoutService
@@ -121,6 +131,18 @@ class Container:
         from app.services.inventory import InventoryService
 
         return InventoryService(self.sessions, self.holds)
+
+    @cached_property
+    def ops(self):
+        """The live stock summary and the gauges of /metrics (app.services.ops.OpsService)."""
+        import socket
+
+        from app.metrics import counter_totals
+        from app.services.ops import OpsService
+
+        # the rates come from this host's processes, so each host keeps its own rate samples
+        return OpsService(self.runner, self.stock_repository, self.settings, counter_totals,
+                          source=socket.gethostname())
 
     def close(self) -> None:
         if "runner" in self.__dict__:

@@ -114,6 +114,13 @@ def sweep_indexes() -> list[str]:
     return [sweep_index_of_slot(slot) for slot in range(SLOTS)]
 
 
+def bundle_journal(slot: int, bundle_id: str) -> str:
+    """Hash: what a bundle reserved in one hash slot, hold id -> `gen|added|target|exp|prev_qty|prev_exp`
+    (lua/reserveBundle-0.lua writes it beside the reserves and lapses it with the holds); it lives
+    in that slot, so the bundle's undo, or a retry of it, gives back exactly what it took there."""
+    return f"{PREFIX}bundle:{{{_tags()[slot]}}}:{bundle_id}"
+
+
 def cart(user_id: str) -> str:
     """Hash: item (hold) id -> cart line (the format: app/engine/carts.py, Line.dumps)."""
     return f"{PREFIX}cart:{{u{user_id}}}"
@@ -143,3 +150,34 @@ def reconcile_lock() -> str:
 
 def sweep_lock() -> str:
     return f"{PREFIX}lock:sweep"
+
+
+# -- operations: what the jobs, the listener and the summary leave for each other -------------------
+
+JOBS = ("sweep", "reconcile")
+
+
+def job_status(job: str) -> str:
+    """Hash: the job's last success, `at_ms`, and what it did (sweep: `released`; reconcile:
+    `drifted`, `repaired`); written by jobs/tasks.py, read by the ops summary and /metrics."""
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}")
+    return f"{PREFIX}job:{job}"
+
+
+def listener_heartbeat() -> str:
+    """String with a TTL, rewritten every few seconds by a subscribed expiry listener: present
+    means a listener is alive; its value is that listener's release-lag p99 in ms ("" when unknown)."""
+    return f"{PREFIX}listener:heartbeat"
+
+
+def ops_rate_sample(source: str) -> str:
+    """Hash: the last two samples of one host's reservation and refusal counters (summed over its
+    processes) with their times, from which the ops summary computes its per-second rates."""
+    return f"{PREFIX}ops:rates:{source}"
+
+
+def ops_scan() -> str:
+    """String with a TTL: the ops summary's last scan of every variant (JSON), shared by every
+    process while it is fresh; written only when a scan is slow (app/services/ops.py)."""
+    return f"{PREFIX}ops:scan"

@@ -5,6 +5,10 @@ migrates and seeds the database, then runs web, listener, worker and scheduler a
 this process group. A child other than web that exits is restarted with backoff; if web exits the
 whole stack stops with a non-zero code. SIGINT or SIGTERM stops every child (SIGTERM, then SIGKILL
 after a timeout) and the embedded Redis, and returns 0.
+
+Its stores and processes are recorded in ./var/stack.json (app/stack.py) once the children are up and
+again on every restart, and marked stopped when it stops: the other commands run from the same
+directory find the stores there.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from app import stack
 from app.settings import VAR_DIR, Settings, redact_url
 
 log = logging.getLogger("inventory.run")
@@ -45,6 +51,8 @@ class Child:
     started_at: float = 0.0
     restart_at: float | None = None
     failures: int = 0
+    restarts: int = 0
+    started_at_iso: str = ""
 
     @property
     def pid(self) -> int | None:
@@ -80,10 +88,12 @@ def backoff_seconds(failures: int) -> float:
 class Supervisor:
     """Starts, watches, restarts and stops the children."""
 
-    def __init__(self, children: list[Child], env: dict[str, str], cwd: Path):
+    def __init__(self, children: list[Child], env: dict[str, str], cwd: Path,
+                 on_restart: Callable[[], None] | None = None):
         self.children = children
         self.env = env
         self.cwd = cwd
+        self.on_restart = on_restart  # called after a child was started again (the stack record)
         self.stopping = threading.Event()
         self.first_signal_at: float | None = None
 
@@ -92,6 +102,7 @@ class Supervisor:
         # reaches every one of them, and nothing can be left behind in another group.
         child.process = subprocess.Popen(child.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()
+        child.started_at_iso = stack.now_iso()
         child.restart_at = None
 
     def on_signal(self, signum, _frame) -> None:
@@ -129,7 +140,10 @@ class Supervisor:
                     child.restart_at = now + delay
                 elif child.restart_at is not None and now >= child.restart_at:
                     self.start(child)
+                    child.restarts += 1
                     log.info("%s restarted (pid %s)", child.name, child.pid)
+                    if self.on_restart is not None:
+                        self.on_restart()
             self.stopping.wait(POLL_SECONDS)
         return 0
 
@@ -188,6 +202,58 @@ def _prepare_database(settings: Settings) -> bool:
         engine.dispose()
 
 
+class StackRecord:
+    """This run's entry in ./var/stack.json: its stores, and its processes as they are now."""
+
+    def __init__(self, path: Path, settings: Settings, redis_url: str, redis_server, metrics_dir: Path):
+        self.path = path
+        self.pid = os.getpid()
+        self.redis_server = redis_server
+        self.record = {
+            "state": stack.RUNNING, "pid": self.pid, "cwd": str(Path.cwd()), "started_at": stack.now_iso(),
+            "web_url": f"http://{_url_host(settings.host)}:{settings.port}/",
+            # where the processes keep their counters: `inventory status` and `top` take the rates there
+            "metrics_dir": str(metrics_dir),
+            "stores": {"redis_url": redis_url, "redis_embedded": redis_server is not None,
+                       "redis_cluster": settings.redis_cluster, "rq_redis_url": settings.rq_redis_url,
+                       "database_url": settings.database_url},
+        }
+        self.redis_started_at = stack.now_iso()
+
+    def save(self, children: list[Child]) -> None:
+        processes = [{"name": "run", "pid": self.pid, "restarts": 0, "started_at": self.record["started_at"]}]
+        if self.redis_server is not None and self.redis_server.process is not None:
+            processes.append({"name": "redis", "pid": self.redis_server.process.pid, "restarts": 0,
+                              "started_at": self.redis_started_at})
+        processes += [{"name": c.name, "pid": c.pid, "restarts": c.restarts, "started_at": c.started_at_iso}
+                      for c in children]
+        try:
+            stack.write(self.path, {**self.record, "processes": processes})
+        except OSError as exc:  # the stack runs on; only the other commands' discovery is lost
+            log.warning("cannot write %s: %s", self.path, exc)
+
+    def stopped(self) -> None:
+        try:
+            stack.mark_stopped(self.path, self.pid)
+        except OSError as exc:
+            log.warning("cannot mark %s stopped: %s", self.path, exc)
+
+
+def _another_run(path: Path) -> int | None:
+    """The pid of another live `inventory run` recorded as running from this directory, if any."""
+    record = stack.read(path)
+    if record is None or record.get("state") != stack.RUNNING:
+        return None
+    pid = record.get("pid")
+    if pid == os.getpid() or not stack.pid_alive(pid):
+        return None
+    try:  # a run killed long ago may have left its pid to an unrelated process
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if b"inventory" in cmdline or b"app.cli" in cmdline else None
+
+
 def _banner(settings: Settings, redis_url: str, embedded: bool, seeded: bool, children: list[Child]) -> str:
     redis_note = f"embedded, data in {VAR_DIR / 'redis'}" if embedded else "from REDIS_URL"
     db_note = "demo data seeded" if seeded else "existing data kept"
@@ -223,6 +289,14 @@ def run_stack(settings: Settings) -> int:
 
     supervisor: Supervisor | None = None
     redis_server: EmbeddedRedis | None = None
+    record: StackRecord | None = None
+    record_path = stack.stack_file(VAR_DIR)
+    other = _another_run(record_path)
+    if other is not None:
+        # Two runs in one directory would share ./var (the embedded Redis's data, the SQLite file).
+        print(f"inventory run: another inventory run (pid {other}) is running from this directory "
+              f"(recorded in {record_path}); stop it first", file=sys.stderr)
+        return 1
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # Until the supervisor takes over, SIGTERM unwinds like Ctrl-C so the embedded Redis is stopped.
     setup_interrupt = _SetupInterrupt()
@@ -247,11 +321,14 @@ def run_stack(settings: Settings) -> int:
 
         metrics_dir = _fresh_dir(VAR_DIR / "prometheus")
         children = child_commands()
-        supervisor = Supervisor(children, _child_env(settings, redis_url, metrics_dir), Path.cwd())
+        record = StackRecord(record_path, settings, redis_url, redis_server, metrics_dir)
+        supervisor = Supervisor(children, _child_env(settings, redis_url, metrics_dir), Path.cwd(),
+                                on_restart=lambda: record.save(children))
         for sig in previous:
             signal.signal(sig, supervisor.on_signal)
         for child in children:
             supervisor.start(child)
+        record.save(children)
         print(_banner(settings, redis_url, redis_server is not None, seeded, children), flush=True)
         return supervisor.watch()
     except KeyboardInterrupt:
@@ -262,6 +339,8 @@ def run_stack(settings: Settings) -> int:
             supervisor.stop_all()
         if redis_server is not None:
             redis_server.stop()
+        if record is not None:
+            record.stopped()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if supervisor is not None:

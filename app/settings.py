@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from app import stack
+
 ROOT = Path(__file__).resolve().parent.parent
 # `inventory run` keeps its embedded stores under ./var of the directory it runs in (the checkout
 # for `make run`; anywhere for an installed package), and the other commands find them there.
@@ -45,6 +47,8 @@ class Settings:
     # Test-only: stop at a named fault point (app/faults.py). Ignored in production.
     fault_pause_at: str = ""
     fault_pause_file: str = ""
+    # The record of a local `inventory run` the stores were taken from (app/stack.py), "" if none.
+    stack_file: str = ""
 
     @property
     def production(self) -> bool:
@@ -113,9 +117,32 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     return keys
 
 
-def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings:
-    """Read and validate every setting; raise SettingsError with a one-line reason."""
+def stack_path() -> Path:
+    """Where a local `inventory run` records its stack (app/stack.py): ./var/stack.json."""
+    return stack.stack_file(VAR_DIR)
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, use_stack: bool = True, **overrides) -> Settings:
+    """Read and validate every setting; raise SettingsError with a one-line reason.
+
+    REDIS_URL or DATABASE_URL unset (outside production): the stores of the `inventory run` recorded as
+    running in ./var/stack.json, if any (use_stack=False for `inventory run`, which makes its own)."""
     env = os.environ if env is None else env
+    recorded_in = stack_path()
+    recorded = None
+    # Production never takes them from a record: its stores are named, never the embedded defaults.
+    if use_stack and (env.get("APP_ENV") or "").strip() != "production" \
+            and not ((env.get("DATABASE_URL") or "").strip() and (env.get("REDIS_URL") or "").strip()):
+        recorded = stack.running_stores(recorded_in)
+    if recorded:
+        # The variables win; what is unset comes from the record (the cluster and the queue's Redis
+        # belong to the recorded Redis, so they come with it).
+        fallback = {"DATABASE_URL": recorded.get("database_url") or ""}
+        if not (env.get("REDIS_URL") or "").strip():
+            fallback.update(REDIS_URL=recorded.get("redis_url") or "",
+                            REDIS_CLUSTER="1" if recorded.get("redis_cluster") else "0",
+                            RQ_REDIS_URL=recorded.get("rq_redis_url") or "")
+        env = {**env, **{k: v for k, v in fallback.items() if not (env.get(k) or "").strip()}}
     app_env = (env.get("APP_ENV") or "development").strip()
     if app_env not in ("development", "production", "test"):
         raise SettingsError(f"APP_ENV must be development, production or test, got {app_env!r}")
@@ -162,6 +189,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
         log_level=log_level,
         fault_pause_at="" if app_env == "production" else (env.get("FAULT_PAUSE_AT") or "").strip(),
         fault_pause_file=(env.get("FAULT_PAUSE_FILE") or "").strip(),
+        stack_file=str(recorded_in) if recorded else "",
     )
     if overrides:
         settings = replace(settings, **overrides)

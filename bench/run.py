@@ -17,10 +17,11 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bench import cluster, correctness, engine, expiry, memory, reconcile, report, web
+from bench import cluster, correctness, engine, expiry, memory, ops_summary, reconcile, report, web
 from bench.stores import Stores, seed_variants, sessions_for
 
-SECTIONS = ("engine", "cluster", "http", "expiry", "reconcile", "memory", "correctness")
+# ops last but correctness: its 10,000 variants would otherwise be in the reconcile section's count
+SECTIONS = ("engine", "cluster", "http", "expiry", "reconcile", "memory", "ops", "correctness")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Config:
     race_processes: int = 64
     race_attempts: int = 300
     race_stock: int = 100
+    ops_variants: int = 10_000
+    ops_holds: int = 100_000
 
 
 FULL = Config(
@@ -68,6 +71,8 @@ QUICK = Config(
     reconcile_variants=10_000,
     memory_holds=10_000,
     cluster_processes=(8, 32),
+    ops_variants=2_000,
+    ops_holds=20_000,
 )
 
 
@@ -104,6 +109,7 @@ RUNNERS = {
     ),
     "reconcile": lambda s, c: reconcile.run(s, variants=c.reconcile_variants),
     "memory": lambda s, c: memory.run(s, holds=c.memory_holds),
+    "ops": lambda s, c: ops_summary.run(s, variants=c.ops_variants, holds=c.ops_holds),
     "correctness": _correctness,
 }
 

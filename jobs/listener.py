@@ -19,6 +19,7 @@ import redis as redis_lib
 from app import keys
 from app.composition import Container
 from app.engine.expiry import enable_expired_events, expired_channel, is_cluster, node_clients
+from app.metrics import count_store_error, release_lag_p99_ms
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ TOPOLOGY_CHECK_S = 5.0
 # it: with thousands of live holds that takes seconds. So the listener also sweeps what the due
 # hints name this often.
 FAST_SWEEP_S = 0.25
+# While subscribed, the listener rewrites its heartbeat key this often; the key outlives a beat by a
+# margin, so it is gone (the listener shows as down) within HEARTBEAT_TTL_MS of the last one.
+HEARTBEAT_S = 2.0
+HEARTBEAT_TTL_MS = 10_000
 
 
 def _node_name(client) -> str:
@@ -64,16 +69,30 @@ class ExpiryListener:
             fast.join(5)
 
     def _fast_sweeps(self) -> None:
+        next_beat = 0.0
         while not self.stop.wait(FAST_SWEEP_S):
             try:
+                if time.monotonic() >= next_beat and self.heartbeat():
+                    next_beat = time.monotonic() + HEARTBEAT_S
                 report = self.sweeper.sweep_due()
             except (redis_lib.RedisError, OSError):
+                count_store_error("redis")
                 continue  # the subscribers report and retry the connection
             if report.holds:
                 with self._lock:
                     self.released_holds += report.holds
                     self.released_units += report.units
                 log.info("released %d lapsed hold(s), %d unit(s) from the due hints", report.holds, report.units)
+
+    def heartbeat(self) -> bool:
+        """While subscribed on every primary, (re)write the heartbeat key with this process's
+        release-lag p99 (ms, "" when it released nothing lately); True when written."""
+        if not self.connected.is_set():
+            return False
+        p99 = release_lag_p99_ms()
+        self.container.runner.run([("SET", keys.listener_heartbeat(), "" if p99 is None else repr(p99),
+                                    "PX", HEARTBEAT_TTL_MS)])
+        return True
 
     def _run_subscribers(self) -> None:
         redis = self.container.redis
@@ -146,6 +165,7 @@ class ExpiryListener:
                 self._loop(pubsub, stop)
             except (redis_lib.RedisError, OSError) as exc:
                 # connection lost, cluster down or re-sharding: back off and subscribe again
+                count_store_error("redis")
                 with self._lock:
                     self._up.discard(name)
                 self._update_connected()
@@ -205,5 +225,9 @@ def run_forever(container: Container) -> None:
     log.info("listening for expired holds on %s", expired_channel(container.redis))
     started = time.monotonic()
     listener.run()
+    try:  # shown as down at once rather than when the heartbeat lapses (another listener rewrites it)
+        container.runner.run([("DEL", keys.listener_heartbeat())])
+    except (redis_lib.RedisError, OSError):
+        pass
     log.info("listener stopped after %.0fs: released %d hold(s), %d unit(s)",
              time.monotonic() - started, listener.released_holds, listener.released_units)

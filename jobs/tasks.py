@@ -7,8 +7,9 @@ from dataclasses import asdict
 
 from redis.exceptions import LockError
 
-from app import keys
+from app import clock, keys
 from app.composition import Container, build_container
+from app.metrics import count_store_error, store_of
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,31 @@ def _release(lock) -> None:
         log.warning("job lock %s had lapsed before the job ended", lock.name)
 
 
+def _record_success(c: Container, job: str, **done: int) -> None:
+    """The job's last success and what it did, for the ops summary and /metrics (no TTL: an old
+    time is the news)."""
+    c.runner.run([("HSET", keys.job_status(job), "at_ms", clock.now_ms(),
+                   *[x for kv in done.items() for x in kv])])
+
+
+def _counted(fn):
+    """Run a job's body; a store failure is counted in inventory_store_errors_total and re-raised
+    (rq records the job as failed)."""
+    try:
+        return fn()
+    except Exception as exc:
+        store = store_of(exc)
+        if store:
+            count_store_error(store)
+        raise
+
+
 def sweep_job() -> dict:
     """Release every lapsed hold (the guarantee behind the expiry listener)."""
+    return _counted(_sweep)
+
+
+def _sweep() -> dict:
     c = container()
     lock = _only_one(c.redis, keys.sweep_lock(), SWEEP_TIMEOUT_S + LOCK_MARGIN_S)
     if not lock.acquire():
@@ -60,6 +84,7 @@ def sweep_job() -> dict:
         report = c.sweeper.sweep()
     finally:
         _release(lock)
+    _record_success(c, "sweep", released=report.holds)
     if report.holds:
         log.info("sweeper released %d hold(s), %d unit(s) over %d variant(s)", report.holds, report.units,
                  report.variants)
@@ -68,6 +93,10 @@ def sweep_job() -> dict:
 
 def reconcile_job(dry_run: bool = False, variant_ids: list[int] | None = None) -> dict:
     """Compare and repair the live counters against the database."""
+    return _counted(lambda: _reconcile(dry_run, variant_ids))
+
+
+def _reconcile(dry_run: bool, variant_ids: list[int] | None) -> dict:
     c = container()
     lock = _only_one(c.redis, keys.reconcile_lock(), RECONCILE_TIMEOUT_S + LOCK_MARGIN_S)
     if not lock.acquire():
@@ -77,6 +106,8 @@ def reconcile_job(dry_run: bool = False, variant_ids: list[int] | None = None) -
         report = c.reconciler.reconcile(variant_ids, dry_run=dry_run)
     finally:
         _release(lock)
+    if not dry_run and variant_ids is None:  # only a full repairing pass vouches for every variant
+        _record_success(c, "reconcile", drifted=report.drifted, repaired=report.repaired)
     if report.drifted:
         log.warning("reconciler found drift in %d variant(s), repaired %d", report.drifted, report.repaired)
     return report.as_dict()

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence.models import Order, OrderLine, Stock
+from persistence.models import Order, OrderLine, Stock, Variant
 
 StockLevel = tuple[int, int, int]  # (variant_id, on_hand, version)
 
@@ -69,3 +69,14 @@ class StockRepository:
             return set()
         with self.sessions() as s:
             return set(s.scalars(select(Order.checkout_token).where(Order.checkout_token.in_(wanted))))
+
+    def stock_rows(self, variant_ids: Iterable[int]) -> list[tuple[int, str, int, int]]:
+        """(variant_id, sku, on_hand, version) of the variants that exist among these, in id order."""
+        ids = sorted({int(v) for v in variant_ids})
+        query = (select(Stock.variant_id, Variant.sku, Stock.on_hand, Stock.version)
+                 .join(Variant, Variant.id == Stock.variant_id).order_by(Stock.variant_id))
+        out: list[tuple[int, str, int, int]] = []
+        for i in range(0, len(ids), 500):
+            with self.sessions() as s:
+                out += [tuple(r) for r in s.execute(query.where(Stock.variant_id.in_(ids[i:i + 500])))]
+        return out

@@ -1,4 +1,4 @@
-"""Cart endpoints (API.md, Cart): add, get, change, remove, checkout."""
+"""Cart endpoints (API.md, Cart): add, bundle add, get, change, remove, checkout."""
 from __future__ import annotations
 
 import re
@@ -13,6 +13,8 @@ from app.api.base import (MAX_ID, MAX_QUANTITY, Blueprint, Id, Money, Quantity, 
 from app.api.context import container
 from app.api.pricing_schemas import TIER_MESSAGE, TIER_PATTERN
 from app.errors import ValidationFailed
+from app.services.bundle import MAX_LINES as MAX_BUNDLE_LINES
+from app.services.bundle import check_lines
 from app.services.cart import MAX_INT_USER, USER_ID_RE, canonical_user
 
 blp = Blueprint("cart", __name__, url_prefix="/api/cart", description="Carts: every line is a hold")
@@ -45,6 +47,26 @@ class AddSchema(ma.Schema):
     price = Money(allow_none=True)
 
 
+class BundleItemSchema(ma.Schema):
+    variant_id = Id(required=True)
+    quantity = Quantity(required=True)
+    price = Money(allow_none=True)
+
+
+class BundleSchema(ma.Schema):
+    user_id = UserIdField(required=True, metadata={"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    user_tier = fields.String(validate=WholeMatch(TIER_PATTERN, error=TIER_MESSAGE), allow_none=True)
+    items = fields.List(fields.Nested(BundleItemSchema), required=True,
+                        validate=validate.Length(1, MAX_BUNDLE_LINES))
+
+    @ma.validates_schema(skip_on_field_errors=True)  # only once every line loaded
+    def _each_variant_once(self, data, **_kw):
+        try:
+            check_lines(data["items"])
+        except ValidationFailed as exc:
+            raise ma.ValidationError(exc.details["items"], "items") from None
+
+
 class ChangeSchema(ma.Schema):
     quantity = Quantity(required=True)
 
@@ -73,6 +95,11 @@ class CartSchema(ma.Schema):
 
 class ItemAndCartSchema(ma.Schema):
     item = fields.Nested(ItemSchema)
+    cart = fields.Nested(CartSchema)
+
+
+class ItemsAndCartSchema(ma.Schema):
+    items = fields.List(fields.Nested(ItemSchema))
     cart = fields.Nested(CartSchema)
 
 
@@ -175,6 +202,26 @@ def add():
                                 body.get("price"))
 
     return reply(*c.idempotency.run_once("add", body["user_id"], _idempotency_key(), body, do))
+
+
+@blp.route("/bundle/", methods=["POST"])
+@blp.arguments(BundleSchema())
+@blp.response(201, ItemsAndCartSchema)
+@blp.alt_response(400, description="insufficient_stock, limit_exceeded, product_not_active (details.variant_id "
+                                   "names the line), validation_error")
+@blp.alt_response(404, description="not_found: a line's variant (details.variant_id)")
+@blp.alt_response(409, description="price_changed (details.variant_id), request_in_progress (Retry-After)")
+@blp.alt_response(422, description="idempotency_key_reused")
+@blp.doc(summary="Reserve and add several lines, all or nothing (each merging into its existing line)",
+         **_SECURED)
+def bundle(body):
+    c = container()
+    key = _idempotency_key()
+
+    def do():
+        return 201, c.bundle.add(body["user_id"], body["items"], body.get("user_tier"), key)
+
+    return reply(*c.idempotency.run_once("bundle", body["user_id"], key, body, do))
 
 
 # GET /api/cart/{user_id}/ and PATCH/DELETE /api/cart/{item_id}/ are one templated path to OpenAPI

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.engine.failures import redis_error_code, store_refusal
 from app.errors import DomainError, Unavailable, error_body
+from app.metrics import count_store_error
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ _DATABASE_ERRORS = (OperationalError, PoolTimeout)
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def _domain(exc: DomainError):
+        if isinstance(exc, Unavailable):  # every 503 for a store passes here: inventory_store_errors_total
+            count_store_error(exc.details["store"])
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.errorhandler(HTTPException)

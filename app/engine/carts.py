@@ -105,6 +105,21 @@ class CartStore:
         replies = self.runner.run([("HSET", keys.cart(user), line.item_id, line.dumps()), *hold_reads(pairs)])
         return [unpack_hold(r) for r in replies[1:]]
 
+    def snapshot_many(self, user: str, pairs: Sequence[tuple[int, str]]) -> tuple[list[HoldView | None], object,
+                                                                                 list[Line]]:
+        """In one round trip: the holds of (variant_id, hold_id) `pairs`, the raw catalog version
+        and the cart's lines (a bundle's checks)."""
+        raw_version, raw_cart, *raw_holds = self.runner.run([
+            ("GET", keys.catalog_version()), ("HGETALL", keys.cart(user)), *hold_reads(pairs)])
+        return [unpack_hold(r) for r in raw_holds], raw_version, _lines(raw_cart)
+
+    def write_many(self, user: str, lines: Sequence[Line],
+                   pairs: Sequence[tuple[int, str]] = ()) -> list[HoldView | None]:
+        """Write several lines of one cart, and read the holds of `pairs`, in one round trip."""
+        fields = [x for line in lines for x in (line.item_id, line.dumps())]
+        replies = self.runner.run([("HSET", keys.cart(user), *fields), *hold_reads(pairs)])
+        return [unpack_hold(r) for r in replies[1:]]
+
     def remove(self, user: str, item_id: str) -> None:
         self.runner.run([("HDEL", keys.cart(user), item_id)])
 

@@ -18,7 +18,7 @@ from app.metrics import HOLDS, REJECTIONS
 
 log = logging.getLogger(__name__)
 
-_RESERVED = HOLDS.labels("reserved")
+_RESERVED = HOLDS.labels("created")  # API.md's label: every reserve that succeeded (a hold made or resized)
 MAX_CACHED_VARIANTS = 100_000  # per-variant keys and prepared calls kept per process
 
 

@@ -21,7 +21,13 @@ def source(name: str) -> str:
     return _INCLUDE.sub(lambda m: (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), text)
 
 
+# A file named `<name>-0.lua` takes a varying number of KEYS (reserveBundle: a group of keys per
+# line); its header says how they are laid out. runner.prepare refuses it (its KEYS are not fixed).
+VARIABLE_KEYS = 0
+
+
 def key_count(name: str) -> int:
+    """The number of KEYS of lua/<name>-<n>.lua: n, or VARIABLE_KEYS."""
     return int(_NAME.match(_path(name).name).group("keys"))
 
 

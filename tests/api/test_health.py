@@ -36,11 +36,11 @@ def test_metrics_count_every_hold_created_and_every_refusal(client, sessions):
     from tests.factories import make_variant
 
     vid = make_variant(sessions, on_hand=3)
-    created = _sample(client, "inventory_holds_total", event="reserved")
+    created = _sample(client, "inventory_holds_total", event="created")
     refused = _sample(client, "inventory_rejections_total", reason="insufficient_stock")
     for user in ("m1", "m2", "m3"):
         body = {"user_id": user, "variant_id": vid, "quantity": 1}
         assert client.post("/api/cart/add/", json=body).status_code == 201
     assert client.post("/api/cart/add/", json={"user_id": "m4", "variant_id": vid, "quantity": 1}).status_code == 400
-    assert _sample(client, "inventory_holds_total", event="reserved") == created + 3
+    assert _sample(client, "inventory_holds_total", event="created") == created + 3
     assert _sample(client, "inventory_rejections_total", reason="insufficient_stock") == refused + 1
