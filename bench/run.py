@@ -17,11 +17,11 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bench import cluster, correctness, engine, expiry, memory, ops_summary, reconcile, report, web
+from bench import cluster, correctness, dashboard, engine, expiry, memory, ops_summary, reconcile, report, web
 from bench.stores import Stores, seed_variants, sessions_for
 
 # ops last but correctness: its 10,000 variants would otherwise be in the reconcile section's count
-SECTIONS = ("engine", "cluster", "http", "expiry", "reconcile", "memory", "ops", "correctness")
+SECTIONS = ("engine", "cluster", "http", "dashboard", "expiry", "reconcile", "memory", "ops", "correctness")
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,9 @@ RUNNERS = {
     "reconcile": lambda s, c: reconcile.run(s, variants=c.reconcile_variants),
     "memory": lambda s, c: memory.run(s, holds=c.memory_holds),
     "ops": lambda s, c: ops_summary.run(s, variants=c.ops_variants, holds=c.ops_holds),
+    # add-to-cart with /ops/ open: three rounds each way of a third of the HTTP time
+    "dashboard": lambda s, c: dashboard.run(s, seconds=max(2.0, c.http_seconds / 3), rounds=3,
+                                            variants=c.ops_variants // 5),
     "correctness": _correctness,
 }
 
