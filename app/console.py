@@ -6,7 +6,7 @@ a local `inventory run`, its rates come from the counter files its processes kee
 """
 from __future__ import annotations
 
-import glob
+import functools
 import os
 import select
 import sys
@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from app import stack
+from app.metrics import counter_totals
 from app.settings import Settings, redact_url, stack_path
 
 REFRESH_SECONDS = 1.0
@@ -78,24 +79,6 @@ def probe_stores(c) -> list[Probe]:
     return probes
 
 
-def _recorded_counter_totals(directory: str) -> Callable[[], dict[str, float]]:
-    """The counter totals of app.metrics, read from another process tree's multiprocess directory."""
-
-    def totals() -> dict[str, float]:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        out = {"reserved": 0.0, "refused": 0.0}
-        for family in MultiProcessCollector.merge(glob.glob(os.path.join(directory, "counter_*.db"))):
-            for sample in family.samples:
-                if sample.name == "inventory_holds_total" and sample.labels.get("event") == "created":
-                    out["reserved"] += sample.value
-                elif sample.name == "inventory_rejections_total":
-                    out["refused"] += sample.value
-        return out
-
-    return totals
-
-
 def ops_for(c):
     """The ops service; beside a recorded local stack, with that stack's counters for the rates."""
     record = stack.read(c.settings.stack_file) if c.settings.stack_file else None
@@ -107,7 +90,7 @@ def ops_for(c):
     from app.services.ops import OpsService
 
     # the same source as the stack's web server (its host name), so both share one rate sample
-    return OpsService(c.runner, c.stock_repository, c.settings, _recorded_counter_totals(directory),
+    return OpsService(c.runner, c.stock_repository, c.settings, functools.partial(counter_totals, directory),
                       source=socket.gethostname())
 
 

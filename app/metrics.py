@@ -123,9 +123,9 @@ def release_lag_p99_ms() -> float | None:
 
 # -- counter totals (the ops summary's rates) -----------------------------------------------------
 
-def _process_files(pattern: str = "*.db") -> list[str]:
+def _process_files(pattern: str = "*.db", root: str | None = None) -> list[str]:
     """The multiprocess files of every process: the directory's own and its subdirectories'."""
-    root = _multiprocess_dir()
+    root = root or _multiprocess_dir()
     return glob.glob(os.path.join(root, pattern)) + glob.glob(os.path.join(root, "*", pattern))
 
 
@@ -139,13 +139,14 @@ class _AllProcesses:
         return MultiProcessCollector.merge(_process_files(), accumulate=True)
 
 
-def counter_totals() -> dict[str, float]:
+def counter_totals(directory: str | None = None) -> dict[str, float]:
     """{"reserved": successful reserves, "refused": refused reserves} summed over every process of
-    this host (the multiprocess files when PROMETHEUS_MULTIPROC_DIR is set, else this process)."""
-    if _multiprocess_dir():
+    this host (the multiprocess files of `directory`, or of PROMETHEUS_MULTIPROC_DIR when set, else
+    this process)."""
+    if directory or _multiprocess_dir():
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        families = MultiProcessCollector.merge(_process_files("counter_*.db"))
+        families = MultiProcessCollector.merge(_process_files("counter_*.db", directory))
     else:
         families = [*HOLDS.collect(), *REJECTIONS.collect()]
     totals = {"reserved": 0.0, "refused": 0.0}
