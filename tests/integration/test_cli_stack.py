@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from app import settings as settings_module
 from app import stack
 from app.cli import STARTUP_WAIT_SECONDS
 from app.settings import load_settings
+from tests.processes import free_port, group_members, readyz
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +53,6 @@ def _inventory(args: list[str], cwd: Path, timeout: float = QUICK_EXIT_SECONDS, 
     return result
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_one_line_failure(name: str, result) -> str:
@@ -90,7 +84,7 @@ def test_with_nothing_running_a_command_says_why_in_one_line_and_exits_1(nothing
 def redis_not_answering(tmp_path_factory) -> tuple[dict[str, subprocess.CompletedProcess], str]:
     """Every store command given a REDIS_URL on which nothing listens, all at once."""
     cwd = tmp_path_factory.mktemp("redis-down")
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     with ThreadPoolExecutor(len(STORE_COMMANDS)) as pool:
         results = pool.map(lambda args: _inventory(args, cwd, QUICK_EXIT_SECONDS + STARTUP_WAIT_SECONDS,
                                                    REDIS_URL=url), STORE_COMMANDS)
@@ -113,7 +107,7 @@ def test_with_redis_not_answering_a_command_names_it_in_one_line_and_exits_1_in_
 
 def test_a_record_left_by_a_killed_run_leads_to_one_line_naming_the_dead_run(tmp_path):
     dead_pid = _dead_pid()
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     stack.write(stack.stack_file(tmp_path / "var"), {
         "state": stack.RUNNING, "pid": dead_pid, "processes": [],
         "stores": {"redis_url": url, "database_url": f"sqlite:///{tmp_path / 'var' / 'inventory.db'}"}})
@@ -173,29 +167,8 @@ def test_the_record_is_replaced_whole_and_readable_only_by_its_owner(tmp_path):
 
 # --- a running stack ------------------------------------------------------------------------------
 
-def _readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
-def _group_members(pgid: int) -> list[str]:
-    """Live (not zombie) processes of a process group, as "pid command" lines, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone in between
-            continue
-        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(f"{stat.parent.name} {cmdline.strip()}")
-    return members
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +180,7 @@ def running_stack(tmp_path_factory):
     cwd.mkdir()
     database_url = f"sqlite:///{base / 'elsewhere' / 'shop.db'}"
     (base / "elsewhere").mkdir()
-    port = _free_port()
+    port = free_port()
     log_path = base / "inventory-run.log"
     with open(log_path, "w") as log:
         # A process group of its own: one signal reaches everything it starts.
@@ -216,13 +189,13 @@ def running_stack(tmp_path_factory):
                                 env=_env(PORT=str(port), DATABASE_URL=database_url, WEB_CONCURRENCY="2"))
     tail = lambda: "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])  # noqa: E731
     try:
-        wait_for(lambda: proc.poll() is not None or _readyz(port) == 200, READY_TIMEOUT_SECONDS, 0.25,
+        wait_for(lambda: proc.poll() is not None or readyz(port) == 200, READY_TIMEOUT_SECONDS, 0.25,
                  "inventory run to answer /readyz")
         assert proc.poll() is None, f"inventory run exited with {proc.returncode}:\n{tail()}"
         yield {"proc": proc, "cwd": cwd, "port": port, "database_url": database_url, "tail": tail,
                "record": cwd / "var" / "stack.json"}
     finally:
-        if _group_members(proc.pid):
+        if group_members(proc.pid):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:  # gone in between
@@ -265,7 +238,7 @@ def test_status_from_the_stacks_directory_reports_it_healthy(running_stack):
 
 
 def test_a_second_run_in_the_same_directory_is_refused_in_one_line(running_stack):
-    result = _inventory(["run"], running_stack["cwd"], PORT=str(_free_port()))
+    result = _inventory(["run"], running_stack["cwd"], PORT=str(free_port()))
     line = _assert_one_line_failure("run", result)
     assert f"pid {running_stack['proc'].pid}" in line and "is running from this directory" in line, line
 
@@ -291,7 +264,7 @@ def test_sigterm_stops_every_process_and_marks_the_record_stopped(running_stack)
     os.killpg(proc.pid, signal.SIGTERM)
     code = proc.wait(STOP_TIMEOUT_SECONDS)
     assert code == 0, f"inventory run exited with {code} on SIGTERM:\n{running_stack['tail']()}"
-    wait_for(lambda: not _group_members(proc.pid), STOP_TIMEOUT_SECONDS, 0.2, "every process to exit")
+    wait_for(lambda: not group_members(proc.pid), STOP_TIMEOUT_SECONDS, 0.2, "every process to exit")
     record = stack.read(running_stack["record"])
     assert record["state"] == "stopped" and record["stopped_at"]
     # and the commands no longer take the stores of a stack that is gone

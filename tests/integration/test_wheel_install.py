@@ -9,15 +9,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.processes import free_port, group_members, readyz
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_SECONDS = 120.0
@@ -145,36 +144,10 @@ print(json.dumps({
     assert len(found["revisions"]) == len(repo_versions - {"__init__.py"})
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
-def _group_members(pgid: int) -> list[str]:
-    """Live (not zombie) processes of a process group, as "pid command" lines, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone in between
-            continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after the last ")".
-        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(f"{stat.parent.name} {cmdline.strip()}")
-    return members
 
 
 def _poll(predicate, timeout: float, interval: float = 0.2):
@@ -190,7 +163,7 @@ def test_inventory_run_from_the_wheel_answers_readyz_and_stops(installed, tmp_pa
     cwd = tmp_path / "somewhere"
     cwd.mkdir()
     assert not _inside(cwd, REPO)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "inventory-run.log"
     env = _clean_env(PORT=str(port), APP_ENV="development", LOG_LEVEL="INFO", WEB_CONCURRENCY="2")
     with open(log_path, "w") as log:
@@ -204,10 +177,10 @@ def test_inventory_run_from_the_wheel_answers_readyz_and_stops(installed, tmp_pa
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
 
     try:
-        status = _poll(lambda: proc.poll() is not None or _readyz(port) == 200,
+        status = _poll(lambda: proc.poll() is not None or readyz(port) == 200,
                        READY_TIMEOUT_SECONDS, 0.25)
         assert proc.poll() is None, f"inventory run exited with {proc.returncode}:\n{log_tail()}"
-        assert status and _readyz(port) == 200, \
+        assert status and readyz(port) == 200, \
             f"/readyz did not answer 200 within {READY_TIMEOUT_SECONDS:.0f}s:\n{log_tail()}"
 
         banner = log_path.read_text(errors="replace")
@@ -222,10 +195,10 @@ def test_inventory_run_from_the_wheel_answers_readyz_and_stops(installed, tmp_pa
         os.killpg(pgid, signal.SIGTERM)
         code = proc.wait(STOP_TIMEOUT_SECONDS)
         assert code == 0, f"inventory run exited with {code} on SIGTERM:\n{log_tail()}"
-        all_gone = _poll(lambda: not _group_members(pgid), STOP_TIMEOUT_SECONDS)
-        assert all_gone, "still running after SIGTERM:\n" + "\n".join(_group_members(pgid))
+        all_gone = _poll(lambda: not group_members(pgid), STOP_TIMEOUT_SECONDS)
+        assert all_gone, "still running after SIGTERM:\n" + "\n".join(group_members(pgid))
     finally:
-        if _group_members(pgid):
+        if group_members(pgid):
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:  # gone in between
