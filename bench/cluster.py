@@ -6,8 +6,9 @@ through a `Container` per client process, 1 unit for a new customer per call, th
 
 - single: the harness's own redis-server (REDIS_URL, a plain redis-py client);
 - cluster: an `app.embedded.EmbeddedCluster` of 3 primaries on loopback ports started here, through
-  REDIS_URL=<one node>, REDIS_CLUSTER=1 (redis-py's RedisCluster: each command goes to the primary
-  that owns its key's hash slot, over a connection pool per primary).
+  REDIS_URL=<one node>, REDIS_CLUSTER=1 (the engine's lane per primary, app/engine/cluster_lane.py:
+  each call goes to the primary that owns its key's hash slot, on the slot map of redis-py's
+  RedisCluster).
 
 Both use the same bench database (the counters are rebuilt from its on_hand). Within a case the two
 take turns `rounds` times (seconds / rounds each) and the round with the median throughput is
@@ -151,6 +152,13 @@ def _run(stores: Stores, cluster: EmbeddedCluster, *, seconds: float, rounds: in
                 f"  cluster  hot x1   {t:<8} CPU per reserve: client {cpu[t]['client_us']:.0f} us, "
                 f"redis-server {cpu[t]['server_us']:.0f} us, wall {cpu[t]['wall_us']:.0f} us"
             )
+        # CPU per reserve of one process, client and server(s) together: single / cluster, so 1.0
+        # means the cluster costs no more CPU per reserve than the single node
+        single_us = cpu["single"]["client_us"] + cpu["single"]["server_us"]
+        cluster_us = cpu["cluster"]["client_us"] + cpu["cluster"]["server_us"]
+        cpu_ratio = round(single_us / cluster_us, 3) if cluster_us else None
+        log(f"  cluster  hot x1   cluster/single {cpu_ratio:.2f} (CPU per reserve, client + server, one process; "
+            f"client alone {cpu['single']['client_us'] / max(1e-9, cpu['cluster']['client_us']):.2f})")
         rows = []
         for n in processes:
             for workload, (vids, stock) in workloads.items():
@@ -195,6 +203,7 @@ def _run(stores: Stores, cluster: EmbeddedCluster, *, seconds: float, rounds: in
             "primaries": PRIMARIES,
             "rows": rows,
             "cpu_per_reserve": cpu,
+            "cpu_cluster_vs_single": cpu_ratio,
             "hot_stock": HOT_STOCK,
             "spread_variants": SPREAD_VARIANTS,
             "spread_stock": SPREAD_STOCK,
@@ -202,7 +211,7 @@ def _run(stores: Stores, cluster: EmbeddedCluster, *, seconds: float, rounds: in
             "note": (
                 f"On one machine the {PRIMARIES} primaries share its cores with the clients and the single "
                 "redis-server, so the cluster cannot be faster here: the ratio is the cost of the cluster "
-                "client (routing each command to its slot's primary, a connection pool per primary), and "
+                "client (routing each command to its slot's primary, a connection per primary), and "
                 "the checks show that correctness holds. On real hardware each primary adds its own core; "
                 "a hot variant still runs on the one primary that owns its slot."
             ),

@@ -11,8 +11,11 @@ EVALSHA, the sha and the variant's keys, once per variant), sent with one `senda
 are read off the socket into a hiredis reader; a socket fault drops the connection and raises
 redis-py's `ConnectionError` or `TimeoutError`, and a connection that sat idle is checked first.
 
-Single-node Redis only: on a cluster the engine sends through redis-py's `RedisCluster`, which routes
-each call to the primary owning its slot.
+One server per lane: on a Redis Cluster app/engine/cluster_lane.py keeps a lane per primary and
+picks one by the call's hash slot. Behind Sentinel (a client from `Sentinel.master_for`) the lane's
+connections are redis-py's `SentinelManagedConnection`s: each connect asks the sentinels for the
+primary's address, so after a failover the next connection goes to the new primary; a READONLY reply
+(the old primary came back as a replica) drops the connection, so the next call asks again.
 
 Nothing is ever sent twice on a fault (as with the rest of the service: no silent re-sends; a reserve
 sent twice would reserve twice): a `ConnectionError` or `TimeoutError` reaches the caller, and the
@@ -49,7 +52,9 @@ from typing import Iterable, Sequence
 import hiredis
 import redis as redis_py
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import ConnectionError, InvalidResponse, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import (ConnectionError, InvalidResponse, NoScriptError, ReadOnlyError, ResponseError,
+                              TimeoutError)
+from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 # The redis-py release this module was written and tested against (setup.cfg pins it).
 WRITTEN_FOR = "8.1.0"
@@ -250,10 +255,21 @@ class _Wire:
     def roundtrip(self, packed: bytes, count: int) -> list:
         """Send, then read `count` replies (error replies are returned, not raised, but see
         `refusal`). A fault drops the connection and raises redis-py's ConnectionError or TimeoutError."""
+        self.send(packed)
+        return self.read(count)
+
+    def send(self, packed: bytes) -> None:
+        """Write packed commands (the first half of `roundtrip`: a cluster writes to every node first)."""
+        try:
+            self.sock.sendall(packed)
+        except BaseException as exc:
+            raise self.fault(exc) from None
+
+    def read(self, count: int) -> list:
+        """Read `count` replies of what was sent (the second half of `roundtrip`)."""
         sock, reader, buf = self.sock, self.reader, self.buf
         out = []
         try:
-            sock.sendall(packed)
             while len(out) < count:
                 reply = reader.gets()
                 while reply is False:
@@ -266,8 +282,11 @@ class _Wire:
         except BaseException as exc:
             raise self.fault(exc) from None
         for reply in out:
-            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
-                raise self.refusal(reply)
+            if isinstance(reply, Exception):
+                if not isinstance(reply, ResponseError):
+                    raise self.refusal(reply)
+                if isinstance(reply, ReadOnlyError):
+                    self.drop()  # a replica now: the next call connects again (Sentinel: to the new primary)
         return out
 
     def refusal(self, error: Exception) -> Exception:
@@ -291,11 +310,16 @@ class _Wire:
         return exc  # ConnectionError above, InvalidResponse, or an interrupt mid-reply
 
 
+_CONNECTION_CLASSES = (Connection, SSLConnection, UnixDomainSocketConnection,
+                       SentinelManagedConnection, SentinelManagedSSLConnection)
+
+
 def supports(redis) -> bool:
-    """A lane speaks over redis-py's own socket connections only (TCP, TLS, unix); a client with
-    another connection class (a cluster, a test double) keeps redis-py's usual path."""
+    """A lane speaks over redis-py's own socket connections only (TCP, TLS, unix, a Sentinel's
+    primary); a client with another connection class (a cluster, a test double) keeps redis-py's
+    usual path."""
     pool = getattr(redis, "connection_pool", None)
-    return pool is not None and pool.connection_class in (Connection, SSLConnection, UnixDomainSocketConnection)
+    return pool is not None and pool.connection_class in _CONNECTION_CLASSES
 
 
 class Lane:
@@ -349,9 +373,11 @@ class Lane:
         except BaseException as exc:
             raise wire.fault(exc) from None
         if isinstance(reply, Exception):
-            if isinstance(reply, ResponseError):
-                raise reply
-            raise wire.refusal(reply)
+            if not isinstance(reply, ResponseError):
+                raise wire.refusal(reply)
+            if isinstance(reply, ReadOnlyError):
+                wire.drop()  # see _Wire.read
+            raise reply
         return reply
 
     def call_many(self, packed: bytes, count: int) -> list:
@@ -359,6 +385,13 @@ class Lane:
         is returned in its place (as a `ResponseError`), so the others are still read. A refusal of
         the connection itself (LOADING...) is raised once every reply is read; see `_Wire.refusal`."""
         return self._wire().roundtrip(packed, count)
+
+    def send(self, packed: bytes) -> _Wire:
+        """Write packed commands on this thread's connection; read their replies with the returned
+        connection's `read(count)` (as `call_many`, in two halves: write to several servers first)."""
+        wire = self._wire()
+        wire.send(packed)
+        return wire
 
     def execute(self, commands: Iterable[Sequence]) -> list:
         """Plain commands (each a sequence of arguments) in one round trip; see `call_many`."""

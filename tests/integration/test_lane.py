@@ -556,3 +556,134 @@ def test_a_connected_connection_without_its_socket_where_the_lane_reads_it_fails
         for sock in hidden:
             sock.close()
     assert len(hidden) == 1
+
+
+# --- (g) Sentinel -----------------------------------------------------------------------------------------
+
+def _port_of(lane: Lane) -> int:
+    """The port of the server the lane's connection is on (as that server says)."""
+    info = lane.call(pack("INFO", "server"))
+    return int(re.search(r"tcp_port:(\d+)", info).group(1))
+
+
+def test_a_readonly_reply_drops_the_connection_so_the_next_call_connects_again(make_lane, tmp_path):
+    primary = EmbeddedRedis(tmp_path / "primary").start()
+    node = EmbeddedRedis(tmp_path / "node").start()
+    try:
+        lane = make_lane(node.url)
+        before = _client_id(lane)
+        admin = _client(node.url)
+        admin.replicaof("127.0.0.1", primary.port)  # demoted under the lane (its clients are kept)
+        with pytest.raises(ReadOnlyError):
+            lane.call(pack("SET", "k", "1"))
+        replies = lane.call_many(pack("GET", "k"), 1)  # a new connection, in step
+        assert replies == [None] and _client_id(lane) != before
+        between = _client_id(lane)
+        replies = lane.call_many(pack("SET", "k", "1") + pack("ECHO", "after"), 2)  # read to the end, then dropped
+        assert isinstance(replies[0], ReadOnlyError) and replies[1] == "after"
+        assert _client_id(lane) != between
+    finally:
+        node.stop()
+        primary.stop()
+
+
+@pytest.fixture
+def sentinel_group(tmp_path):
+    """A primary, its replica and one sentinel watching them as `svc` (stopped by pid at the end)."""
+    from app.embedded import find_redis_server, free_port
+
+    primary = EmbeddedRedis(tmp_path / "primary").start()
+    replica = EmbeddedRedis(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {tmp_path}\nlogfile {tmp_path}/sentinel.log\n"
+                    f"sentinel monitor svc 127.0.0.1 {primary.port} 1\n"
+                    "sentinel down-after-milliseconds svc 2000\nsentinel failover-timeout svc 10000\n")
+    proc = subprocess.Popen([find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    sentinel = redis_lib.Redis(port=port, decode_responses=True)
+    try:
+        def replica_known() -> bool:
+            try:
+                listed = sentinel.execute_command("SENTINEL", "REPLICAS", "svc")
+            except redis_lib.RedisError:
+                return False
+            # redis-py reads each replica as a dict of its fields (flags as a set)
+            return any(r.get("master-link-status") == "ok" and "s_down" not in r.get("flags", ()) for r in listed)
+
+        wait_for(replica_known, timeout=30, interval=0.1, message="the sentinel to see the replica in sync")
+        yield primary, replica, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        replica.stop()
+        primary.stop()
+
+
+def test_a_lane_behind_sentinel_follows_the_primary_across_a_failover(sentinel_group):
+    from redis.sentinel import Sentinel
+
+    primary, replica, sentinel_port = sentinel_group
+    client = Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=5).master_for(
+        "svc", decode_responses=True, socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+    assert lane_mod.supports(client)
+    lane = Lane(client)
+    try:
+        assert lane.call(pack("SET", "before", "1")) == "OK"
+        assert _port_of(lane) == primary.port
+        sentinel = redis_lib.Redis(port=sentinel_port, decode_responses=True)
+        assert sentinel.execute_command("SENTINEL", "FAILOVER", "svc") in ("OK", True)
+
+        def switched() -> bool:
+            addr = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc")
+            old_role = redis_lib.Redis(port=primary.port, decode_responses=True).execute_command("ROLE")[0]
+            return int(addr[1]) == replica.port and old_role == "slave"
+
+        wait_for(switched, timeout=30, interval=0.1, message="the failover to end with the old primary a replica")
+        # The sentinel kills the old primary's clients when it turns it into a replica, or (if this
+        # connection escaped that) the old primary answers READONLY: either way the call fails, is not
+        # sent again, and the lane's next connection asks the sentinel for the new primary.
+        try:
+            wrote = lane.call(pack("SET", "after", "1"))
+        except (ConnectionError, ReadOnlyError):
+            wrote = lane.call(pack("SET", "after", "1"))
+        assert wrote == "OK"
+        assert _port_of(lane) == replica.port
+        assert redis_lib.Redis(port=replica.port, decode_responses=True).get("after") == "1"
+    finally:
+        lane.close()
+        client.close()
+
+
+def test_the_runner_on_redis_sentinels_settings_uses_a_lane_that_finds_the_promoted_primary(tmp_path):
+    from app.embedded_sentinel import EmbeddedSentinelGroup
+    from app.engine.runner import ScriptRunner
+    from app.redis_client import make_redis
+    from app.settings import load_settings
+
+    group = EmbeddedSentinelGroup(tmp_path / "sentinel").start()
+    try:
+        client = make_redis(load_settings({**os.environ, **group.env, "REDIS_URL": "", "REDIS_CLUSTER": "0"}))
+        runner = ScriptRunner(client)
+        assert runner.lane is not None and runner.router is None  # the lane, not redis-py's pool
+        assert runner.run([("SET", "before", "1")]) == ["OK"]
+        assert _port_of(runner.lane) == group.primary_port
+        old = group.kill_primary()
+        with pytest.raises(ConnectionError):  # on the dead primary: raised, not sent again
+            runner.run([("INCR", "counter")])
+        new = group.wait_for_promotion()
+        assert new != old
+
+        def incr():
+            try:
+                return runner.run([("INCR", "counter")])
+            except ConnectionError:  # MasterNotFoundError while the sentinels settle (a 503): nothing ran
+                return None
+
+        assert wait_for(incr, timeout=15, interval=0.1, message="a call on the new primary") == [1]
+        assert _port_of(runner.lane) == new
+        assert group.client(new).get("counter") == "1"
+        runner.close()
+        client.close()
+    finally:
+        group.stop()
