@@ -124,7 +124,7 @@ def _container(database: bool = True):
     from app.composition import build_container
 
     settings = _settings()
-    if not settings.redis_url:
+    if not settings.redis_configured:
         raise click.ClickException(_no_redis_reason(settings))
     c = build_container(settings)
     c.redis.ping()
@@ -139,7 +139,7 @@ def _await_redis(settings) -> None:
 
     from app.redis_client import make_redis
 
-    if not settings.redis_url:
+    if not settings.redis_configured:
         raise click.ClickException(_no_redis_reason(settings))
     deadline = time.monotonic() + STARTUP_WAIT_SECONDS
     while True:
@@ -287,7 +287,7 @@ def status() -> None:
     """Show the stores, the processes of a local `inventory run`, stock, holds, the invariant and the
     jobs; exit 1 when a store is down or the invariant is broken (usable as a probe)."""
     settings = _settings()
-    if not settings.redis_url:
+    if not settings.redis_configured:
         raise click.ClickException(_no_redis_reason(settings))
     from app.console import status_command
 

@@ -72,7 +72,8 @@ def probe_stores(c) -> list[Probe]:
     if c.settings.rq_redis_url:
         from app.redis_client import make_redis
 
-        queue = make_redis(c.settings.with_(redis_url=c.settings.rq_redis_url, redis_cluster=False), timeout=5)
+        queue = make_redis(c.settings.with_(redis_url=c.settings.rq_redis_url, redis_cluster=False,
+                                            redis_sentinels=()), timeout=5)
         probes.append(_timed("redis (queue)", redact_url(c.settings.rq_redis_url), queue.ping))
         queue.close()
     probes.append(_timed("database", c.settings.redacted_database_url(), database))

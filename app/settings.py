@@ -29,6 +29,13 @@ class Settings:
     redis_cluster: bool = False
     # The rq queue's Redis (rq cannot use a cluster); defaults to REDIS_URL on a single Redis.
     rq_redis_url: str = ""
+    # Redis Sentinel (REDIS_SENTINELS): ((host, port), ...) of the sentinels and the name of the
+    # primary they watch; REDIS_URL then only gives the db number, user, password and TLS.
+    redis_sentinels: tuple = ()
+    redis_sentinel_service: str = "inventory"
+    # HOLD_DURABILITY=replicated: an add answers only once a replica has its hold (WAIT 1 <ms>).
+    hold_durability: str = "local"
+    hold_replica_timeout_ms: int = 100
     port: int = 8000
     # The web server's address: loopback unless asked (with auth off in development, it must not
     # serve the network); the container sets 0.0.0.0.
@@ -65,7 +72,16 @@ class Settings:
         return redact_url(self.database_url)
 
     def redacted_redis_url(self) -> str:
+        if self.redis_sentinels:
+            where = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
+            return f"sentinel {self.redis_sentinel_service} at {where}" + (
+                f" ({redact_url(self.redis_url)})" if self.redis_url else "")
         return redact_url(self.redis_url)
+
+    @property
+    def redis_configured(self) -> bool:
+        """A Redis is named: REDIS_URL or REDIS_SENTINELS."""
+        return bool(self.redis_url or self.redis_sentinels)
 
 
 def redact_url(url: str) -> str:
@@ -117,6 +133,25 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     return keys
 
 
+def parse_sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """Parse `host:port,host:port,...` (REDIS_SENTINELS) into ((host, port), ...)."""
+    out = []
+    for part in (p.strip() for p in (raw or "").split(",")):
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not re.fullmatch(r"[0-9A-Za-z.:\-]{1,255}", host) or not port.isdigit() \
+                or not 1 <= int(port) <= 65535:
+            raise SettingsError(f"REDIS_SENTINELS entries must look like host:port, got {part!r}")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _names_redis(env: Mapping[str, str]) -> bool:
+    return bool((env.get("REDIS_URL") or "").strip() or (env.get("REDIS_SENTINELS") or "").strip())
+
+
 def stack_path() -> Path:
     """Where a local `inventory run` records its stack (app/stack.py): ./var/stack.json."""
     return stack.stack_file(VAR_DIR)
@@ -132,13 +167,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, use_stack: bool = Tru
     recorded = None
     # Production never takes them from a record: its stores are named, never the embedded defaults.
     if use_stack and (env.get("APP_ENV") or "").strip() != "production" \
-            and not ((env.get("DATABASE_URL") or "").strip() and (env.get("REDIS_URL") or "").strip()):
+            and not ((env.get("DATABASE_URL") or "").strip() and _names_redis(env)):
         recorded = stack.running_stores(recorded_in)
     if recorded:
         # The variables win; what is unset comes from the record (the cluster and the queue's Redis
         # belong to the recorded Redis, so they come with it).
         fallback = {"DATABASE_URL": recorded.get("database_url") or ""}
-        if not (env.get("REDIS_URL") or "").strip():
+        if not _names_redis(env):
             fallback.update(REDIS_URL=recorded.get("redis_url") or "",
                             REDIS_CLUSTER="1" if recorded.get("redis_cluster") else "0",
                             RQ_REDIS_URL=recorded.get("rq_redis_url") or "")
@@ -163,6 +198,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, use_stack: bool = Tru
     rq_redis_url = (env.get("RQ_REDIS_URL") or "").strip()
     if rq_redis_url and not re.match(r"^(redis|rediss|unix)://", rq_redis_url):
         raise SettingsError("RQ_REDIS_URL must start with redis://, rediss:// or unix://")
+    sentinels = parse_sentinels(env.get("REDIS_SENTINELS", ""))
+    sentinel_service = (env.get("REDIS_SENTINEL_SERVICE") or "inventory").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", sentinel_service):
+        raise SettingsError(f"REDIS_SENTINEL_SERVICE must be a name of [A-Za-z0-9_.-], got {sentinel_service!r}")
+    durability = (env.get("HOLD_DURABILITY") or "local").strip().lower()
+    if durability not in ("local", "replicated"):
+        raise SettingsError(f"HOLD_DURABILITY must be local or replicated, got {durability!r}")
     host = (env.get("HOST") or "127.0.0.1").strip()
     if not re.fullmatch(r"[0-9A-Za-z.:\-\[\]]{1,255}", host):
         raise SettingsError(f"HOST must be an address or host name to bind, got {host!r}")
@@ -175,6 +217,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, use_stack: bool = Tru
         redis_url=redis_url,
         redis_cluster=_bool(env, "REDIS_CLUSTER", False),
         rq_redis_url=rq_redis_url,
+        redis_sentinels=sentinels,
+        redis_sentinel_service=sentinel_service,
+        hold_durability=durability,
+        hold_replica_timeout_ms=_int(env, "HOLD_REPLICA_TIMEOUT_MS", 100, 1, 10_000),
         port=_int(env, "PORT", 8000, 1, 65535),
         host=host,
         api_keys=parse_api_keys(env.get("API_KEYS", "")),
@@ -193,6 +239,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, use_stack: bool = Tru
     )
     if overrides:
         settings = replace(settings, **overrides)
+    if settings.redis_sentinels and settings.redis_cluster:
+        raise SettingsError("REDIS_SENTINELS and REDIS_CLUSTER=1 exclude each other (a cluster fails over by itself)")
     check_production(settings)
     return settings
 
@@ -205,5 +253,6 @@ def check_production(settings: Settings) -> None:
         raise SettingsError("APP_ENV=production needs API_KEYS (admin:<key>,storefront:<key>)")
     if settings.database_url.startswith("sqlite"):
         raise SettingsError("APP_ENV=production needs DATABASE_URL (the embedded SQLite is for development)")
-    if not settings.redis_url:
-        raise SettingsError("APP_ENV=production needs REDIS_URL (the embedded Redis is for development)")
+    if not settings.redis_configured:
+        raise SettingsError("APP_ENV=production needs REDIS_URL or REDIS_SENTINELS "
+                            "(the embedded Redis is for development)")

@@ -2,6 +2,10 @@
 
 - engine:  the project's own API, `Holds.reserve` (lua/reserveHold-6.lua, one EVALSHA through
            the engine's lane, app/engine/lane.py), each client process with its own Container.
+- replicated: the same with HOLD_DURABILITY=replicated: `WAIT 1 <ms>` after each reserve, in its
+           round trip, with a replica (a second redis-server, `replicaof` the bench's) attached for
+           these rounds only (detached with `REPLICAOF NO ONE` for the others, so they are measured
+           as before). What an acknowledged hold that survives one node's loss costs.
 - lua:     a minimal one-script reserve on the same Redis (check available, decrement), through the
            same redis-py client settings (app.redis_client.make_redis).
 - rowlock: the classic approach on the same Postgres: BEGIN; SELECT ... FOR UPDATE; check; UPDATE;
@@ -34,7 +38,8 @@ from app import keys
 from bench.clients import RunResult, run_clients
 from bench.stores import Stores, lua_stock_key, seed_variants, sessions_for
 
-APPROACHES = ("engine", "lua", "rowlock")
+APPROACHES = ("engine", "replicated", "lua", "rowlock")
+REPLICA_TIMEOUT_MS = 1000  # generous: a refused reserve would count as an error, not hide in the rate
 PROCESSES = (8, 32, 64)
 HOT_STOCK = 10**9
 SPREAD_VARIANTS = 1000
@@ -120,6 +125,40 @@ def engine_setup(env: dict, variant_ids: list[int]):
         return op, container.close
 
     return setup
+
+
+class Replica:
+    """A replica of the bench's Redis, attached only while the `replicated` rounds run."""
+
+    def __init__(self, stores: Stores):
+        from app.embedded import EmbeddedRedis
+
+        self.primary_port = stores.redis_server.port
+        self.server = EmbeddedRedis(stores.workdir / "replica").start()
+        self.client = make_redis(load_settings({"REDIS_URL": self.server.url}))
+        self.primary = stores.redis()
+
+    def attach(self, timeout: float = 60.0) -> None:
+        """REPLICAOF the bench's Redis, and wait until it is online with every write."""
+        import time
+
+        self.client.execute_command("REPLICAOF", "127.0.0.1", self.primary_port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.primary.info("replication")
+            slave = info.get("slave0") or {}
+            if slave.get("state") == "online" and slave.get("offset") == info["master_repl_offset"]:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the bench's replica did not come in sync")
+
+    def detach(self) -> None:
+        self.client.execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.primary.close()
+        self.server.stop()
 
 
 def lua_setup(env: dict, variant_ids: list[int]):
@@ -322,6 +361,7 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
     (seconds / rounds each time), so a change in the machine's load hits all three alike."""
     engine_db, sessions = sessions_for(stores.database_url)
     container = stores.container()
+    replica = None
     try:
         _, hot = seed_variants(sessions, 1, on_hand=HOT_STOCK)
         _, spread = seed_variants(sessions, SPREAD_VARIANTS, on_hand=SPREAD_STOCK)
@@ -330,6 +370,8 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
         dsn = stores.pg_dsn() if stores.postgres else None
         approaches = [a for a in APPROACHES if a != "rowlock" or dsn]
         redis_pid = stores.redis_server.process.pid
+        replica = Replica(stores)
+        replicated_env = {**env, "HOLD_DURABILITY": "replicated", "HOLD_REPLICA_TIMEOUT_MS": str(REPLICA_TIMEOUT_MS)}
         rows = []
         for n in processes:
             for workload, (vids, stock) in workloads.items():
@@ -339,30 +381,37 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
                     reset_rowlock(dsn, vids, stock)
                 setups = {
                     "engine": engine_setup(env, vids),
+                    "replicated": engine_setup(replicated_env, vids),
                     "lua": lua_setup(env, vids),
                     "rowlock": rowlock_setup(dsn, vids) if dsn else None,
                 }
                 runs: dict[str, list[RunResult]] = {a: [] for a in approaches}
                 for _ in range(rounds):
                     for approach in approaches:
-                        runs[approach].append(
-                            run_clients(
-                                setups[approach],
-                                n,
-                                seconds / rounds,
-                                warmup=WARMUP_OPS,
-                                watch_pids=(redis_pid,),
+                        if approach == "replicated":
+                            replica.attach()
+                        try:
+                            runs[approach].append(
+                                run_clients(
+                                    setups[approach],
+                                    n,
+                                    seconds / rounds,
+                                    warmup=WARMUP_OPS,
+                                    watch_pids=(redis_pid, replica.server.process.pid),
+                                )
                             )
-                        )
+                        finally:
+                            if approach == "replicated":
+                                replica.detach()
+                # the engine and the replicated engine reserve on the same counters: checked together
+                both = sum(r.ok + r.warmup_ok for a in ("engine", "replicated") for r in runs[a])
                 for approach in approaches:
                     merged = runs[approach][0]
                     for more in runs[approach][1:]:
                         merged = merged.merge(more)
                     acknowledged = merged.ok + merged.warmup_ok
-                    if approach == "engine":
-                        check = check_engine(
-                            container, vids, {v: stock for v in vids}, acknowledged + parent_reserved
-                        )
+                    if approach in ("engine", "replicated"):
+                        check = check_engine(container, vids, {v: stock for v in vids}, both + parent_reserved)
                     elif approach == "lua":
                         check = check_lua(container, vids, stock, acknowledged)
                     else:
@@ -371,6 +420,9 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
                     row[approach] = summary
                     log_case(log, "engine", workload, n, approach, summary, merged, check)
                 e, lua, rl = row["engine"], row["lua"], row["rowlock"]
+                row["replicated_vs_engine"] = (
+                    round(row["replicated"]["per_second"] / e["per_second"], 3) if e["per_second"] else None
+                )
                 row["engine_vs_lua"] = (
                     round(e["per_second"] / lua["per_second"], 3) if lua["per_second"] else None
                 )
@@ -389,6 +441,8 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
             "note": "" if dsn else stores.pg_note,
         }
     finally:
+        if replica is not None:
+            replica.stop()
         stores.flush_redis()
         container.close()
         engine_db.dispose()

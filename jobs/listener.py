@@ -7,6 +7,13 @@ Pub/sub is fire-and-forget, so after every (re)connect the listener runs one swe
 missed; the periodic sweeper remains the guarantee (DESIGN.md, Holds and their expiry).
 On a Redis Cluster, expired events are published by the primary that owned the key, to its own
 subscribers only: the listener subscribes to every primary and follows topology changes.
+With Redis Sentinel (REDIS_SENTINELS) every connection is made to the primary the sentinels name:
+when its subscription fails (the primary died, or was demoted: READONLY), the listener connects
+again to the primary promoted meanwhile, turns keyspace events on there (a replica that took over
+may not have them), subscribes and runs its catch-up sweep.
+
+SIGTERM or SIGINT: the listener finishes what it is doing (a sweep), stops its threads and exits 0,
+quietly even when Redis went away at the same moment (Ctrl-C on `inventory run` reaches both).
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ FAST_SWEEP_S = 0.25
 # margin, so it is gone (the listener shows as down) within HEARTBEAT_TTL_MS of the last one.
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000
+# With Sentinel the primary moves: look for the promoted one at least this often while it is down.
+SENTINEL_MAX_BACKOFF_S = 1.0
 
 
 def _node_name(client) -> str:
@@ -49,6 +58,8 @@ class ExpiryListener:
         self.sweeper = container.sweeper
         self.stop = stop or threading.Event()
         self.max_backoff = max_backoff
+        if getattr(getattr(container, "settings", None), "redis_sentinels", ()):
+            self.max_backoff = min(max_backoff, SENTINEL_MAX_BACKOFF_S)
         self.released_holds = 0
         self.released_units = 0
         self.connected = threading.Event()
@@ -76,7 +87,8 @@ class ExpiryListener:
                     next_beat = time.monotonic() + HEARTBEAT_S
                 report = self.sweeper.sweep_due()
             except (redis_lib.RedisError, OSError):
-                count_store_error("redis")
+                if not self.stop.is_set():
+                    count_store_error("redis")
                 continue  # the subscribers report and retry the connection
             if report.holds:
                 with self._lock:
@@ -148,12 +160,16 @@ class ExpiryListener:
     def _subscribe(self, client, stop: threading.Event) -> None:
         name = "single" if not is_cluster(self.container.redis) else _node_name(client)
         backoff = 0.1
+        lost = False
         while not stop.is_set() and not self.stop.is_set():
             pubsub = None
             try:
                 enable_expired_events(client)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(expired_channel(self.container.redis))
+                if lost:
+                    log.info("listener subscribed again, on %s", _peer(pubsub))
+                    lost = False
                 # Subscribed first, then sweep: nothing can lapse unseen in between.
                 report = self.sweeper.sweep()
                 if report.holds:
@@ -164,14 +180,17 @@ class ExpiryListener:
                 backoff = 0.1
                 self._loop(pubsub, stop)
             except (redis_lib.RedisError, OSError) as exc:
-                # connection lost, cluster down or re-sharding: back off and subscribe again
-                count_store_error("redis")
+                # connection lost, cluster down or re-sharding, a failover: back off and subscribe again
                 with self._lock:
                     self._up.discard(name)
                 self._update_connected()
+                if stop.is_set() or self.stop.is_set():
+                    break  # stopping: Redis going away at the same moment is no news
+                count_store_error("redis")
+                lost = True
                 log.warning("listener lost Redis %s (%s); reconnecting in %.1fs", name, type(exc).__name__,
                             backoff)
-                stop.wait(backoff)
+                self._pause(stop, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             finally:
                 if pubsub is not None:
@@ -182,6 +201,15 @@ class ExpiryListener:
         with self._lock:
             self._up.discard(name)
         self._update_connected()
+
+    def _pause(self, stop: threading.Event, seconds: float) -> None:
+        """Wait `seconds`, or less when this subscriber or the whole listener is told to stop."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            stop.wait(min(left, 0.1))
 
     def _loop(self, pubsub, stop: threading.Event) -> None:
         while not stop.is_set() and not self.stop.is_set():
@@ -210,6 +238,12 @@ class ExpiryListener:
         return report.units
 
 
+def _peer(pubsub) -> str:
+    """host:port of the server a subscription is connected to."""
+    conn = getattr(pubsub, "connection", None)
+    return f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+
+
 def run_forever(container: Container) -> None:
     """`inventory listen`: run until SIGINT/SIGTERM."""
     import signal
@@ -217,7 +251,8 @@ def run_forever(container: Container) -> None:
     listener = ExpiryListener(container)
 
     def _stop(signum, _frame):
-        log.info("listener stopping (signal %s)", signum)
+        if not listener.stop.is_set():  # `make run` may deliver a Ctrl-C twice
+            log.info("listener stopping (%s)", signal.Signals(signum).name)
         listener.stop.set()
 
     signal.signal(signal.SIGTERM, _stop)

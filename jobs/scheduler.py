@@ -26,7 +26,7 @@ def rq_connection(settings: Settings):
     from app.settings import SettingsError
 
     if settings.rq_redis_url:
-        return make_redis(settings.with_(redis_url=settings.rq_redis_url, redis_cluster=False),
+        return make_redis(settings.with_(redis_url=settings.rq_redis_url, redis_cluster=False, redis_sentinels=()),
                           decode=False, timeout=10)
     if settings.redis_cluster:
         raise SettingsError("REDIS_CLUSTER=1 needs RQ_REDIS_URL: a standalone Redis for the rq queue "
@@ -118,15 +118,58 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
 
     import redis as redis_lib
     from rq import Queue, SimpleWorker
+    from rq.exceptions import StopRequested
 
     from jobs.tasks import QUEUE
 
     stop = threading.Event()
 
     class Worker(SimpleWorker):
-        def handle_warm_shutdown_request(self):
-            stop.set()  # rq's own handler: it finishes the current job; we must not start another
-            super().handle_warm_shutdown_request()
+        """rq's SimpleWorker, stopped by SIGTERM/SIGINT without raising out of the signal handler
+        except while it waits for a job: rq's handler raises StopRequested wherever the worker is,
+        and when that is in rq's own bookkeeping right after a job, a bare `except` there takes it
+        and the worker goes back to waiting (405 s) for the next job, until it is killed."""
+
+        waiting = False
+
+        def _install_signal_handlers(self):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._stop_soon)
+
+        def _stop_soon(self, signum, _frame):
+            if not stop.is_set():  # `make run` delivers a Ctrl-C twice, and the runner a SIGTERM
+                self.log.info("Worker %s: stopping (%s)", self.name, signal.Signals(signum).name)
+            stop.set()
+            self._stop_requested = True  # rq's loop checks it before it waits for the next job
+            if self.waiting:
+                raise StopRequested()  # ends the wait; rq's loop takes it and stops
+
+        def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+            if stop.is_set():
+                return None  # rq's loop stops on it
+            self.waiting = True
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            finally:
+                self.waiting = False
+
+        def subscribe(self):
+            # rq's command thread must not take SIGINT/SIGTERM: a signal the kernel hands to it
+            # leaves the main thread asleep in its wait for a job (405 s), the handler not run.
+            # A thread starts with its creator's signal mask: blocked while it is made.
+            signals = {signal.SIGINT, signal.SIGTERM}
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            try:
+                super().subscribe()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+        def unsubscribe(self):
+            # rq's command thread waits up to 60 s for a message; told to stop first, the reply to
+            # UNSUBSCRIBE ends that wait, and the join does not take rq's 1 s
+            if self.pubsub_thread:
+                self.pubsub_thread.stop()
+            super().unsubscribe()
 
     def stop_on_signals() -> None:
         # until a worker installs rq's handlers, and after one died (its handlers would act on a

@@ -6,6 +6,7 @@ customer already ordered, and which checkouts committed.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
 from sqlalchemy import func, select
@@ -61,6 +62,29 @@ class StockRepository:
                     .group_by(OrderLine.variant_id, Order.user_id)):
                 out[vid].append((user, int(units)))
         return out
+
+    def last_ordered(self, hold_ids: Iterable[str]) -> dict[str, int]:
+        """{hold id: when (ms since the epoch) its latest order was written} for the hold ids that
+        an order line names (the reconciler tells a sold cart line from a lost one)."""
+        wanted = list(set(hold_ids))
+        if not wanted:
+            return {}
+        with self.sessions() as s:
+            rows = s.execute(select(OrderLine.hold_id, func.max(Order.created_at))
+                             .join(Order, Order.id == OrderLine.order_id)
+                             .where(OrderLine.hold_id.in_(wanted)).group_by(OrderLine.hold_id))
+            return {hold_id: int(at.replace(tzinfo=at.tzinfo or timezone.utc).timestamp() * 1000)
+                    for hold_id, at in rows}
+
+    def ordered_holds_since(self, since_ms: int) -> list[tuple[int, str, int]]:
+        """(variant_id, hold id, when its order was written in ms) of the order lines written since
+        `since_ms` (the reconciler finds the holds of committed orders that a failover brought back)."""
+        since = datetime.fromtimestamp(since_ms / 1000, timezone.utc)
+        with self.sessions() as s:
+            rows = s.execute(select(OrderLine.variant_id, OrderLine.hold_id, Order.created_at)
+                             .join(Order, Order.id == OrderLine.order_id).where(Order.created_at >= since))
+            return [(vid, hold_id, int(at.replace(tzinfo=at.tzinfo or timezone.utc).timestamp() * 1000))
+                    for vid, hold_id, at in rows if hold_id]
 
     def committed_checkouts(self, tokens: Iterable[str]) -> set[str]:
         """The checkout tokens whose order is in the database."""

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.engine.failures import redis_error_code, store_refusal
 from app.errors import DomainError, Unavailable, error_body
+from app.api.context import container
 from app.metrics import count_store_error
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def register_error_handlers(app: Flask) -> None:
     def _domain(exc: DomainError):
         if isinstance(exc, Unavailable):  # every 503 for a store passes here: inventory_store_errors_total
             count_store_error(exc.details["store"])
+            if exc.details["store"] == "redis":
+                # the cart lines written before it are checked on the next write (app/engine/recent.py)
+                container().cart_store.recent.outage()
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.errorhandler(HTTPException)

@@ -30,6 +30,11 @@ class ReconcileReportSchema(ma.Schema):
     rebuilt = fields.Integer(metadata={"description": "variants whose counters were missing and were built"})
     locks_finalized = fields.Integer()
     locks_released = fields.Integer()
+    orders_finalized = fields.Integer(metadata={"description": "holds of committed orders that a failover brought "
+                                                               "back, finalized again"})
+    lost_holds = fields.Integer(metadata={"description": "holds found lost (a cart line whose hold vanished), "
+                                                         "each reported once"})
+    lost_hold_ids = fields.List(fields.String(), metadata={"description": "their item ids (at most 100)"})
     rows = fields.List(fields.Nested(DriftRowSchema))
 
 

@@ -25,7 +25,7 @@ from typing import Sequence
 from app import clock, faults, keys
 from app.engine.expiry import is_cluster
 from app.engine.holdrec import hold_id_for, new_gen
-from app.engine.holds import Holds, Reservation
+from app.engine.holds import Holds, NotReplicated, Reservation
 from app.engine.runner import Script, ScriptRunner
 from app.errors import CheckoutInProgress, InsufficientStock, LimitExceeded, NotFound
 from app.metrics import HOLDS, REJECTIONS
@@ -105,7 +105,9 @@ class Bundles:
                        ttl: int, limit: int, out: list) -> None:
         members = group[1]
         call = self._call("reserve", bundle_id, user, lines, group, now, ttl, limit)
-        res = self.runner.run([call])[0]
+        # HOLD_DURABILITY=replicated: WAIT last in the call's round trip (the group's node on a cluster)
+        tail = () if self.holds.wait is None else (self.holds.wait,)
+        res, *acks = self.runner.run([call, *tail])
         if res[0] == -1:
             # counters missing (a new variant, a Redis that came back empty): built from the
             # database, then once more; the refused call wrote nothing
@@ -114,8 +116,13 @@ class Bundles:
             except NotFound as exc:  # deleted since the service's checks: that line is refused
                 exc.details["variant_id"] = exc.details.get("id")
                 raise
-            res = self.runner.run([call])[0]
+            res, *acks = self.runner.run([call, *tail])
         code = res[0]
+        if code == 1 and tail and int(acks[0]) < 1:
+            log.warning("bundle %s: no replica acknowledged its reserve within %s ms: given back",
+                        bundle_id, tail[0][2])
+            self._undo_groups(bundle_id, user, lines, [group], now)
+            raise NotReplicated()
         if code == 1:
             hints = []
             for j, i in enumerate(members):

@@ -2,7 +2,9 @@
 
 Redis refuses a command for the state it is in (memory full, too few replicas, a replica, loading
 its dataset, running a script, the cluster down) with an error reply; a server that cannot be
-reached raises a connection error or a timeout. Both are outages. Any other error reply (WRONGTYPE,
+reached raises a connection error or a timeout (redis-py's Sentinel errors, MasterNotFoundError
+while no sentinel names a healthy primary and the ConnectionError it raises for a primary demoted to
+replica, are ConnectionErrors too). Both are outages. Any other error reply (WRONGTYPE,
 a script's own error, NOPERM, ...) is a bug and stays a 500.
 """
 from __future__ import annotations
@@ -58,7 +60,8 @@ def store_refusal(exc: BaseException) -> bool:
     if isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError,
                         redis_exceptions.ClusterDownError, redis_exceptions.TryAgainError,
                         redis_exceptions.ReadOnlyError, redis_exceptions.OutOfMemoryError,
-                        redis_exceptions.SlotNotCoveredError)):
+                        redis_exceptions.SlotNotCoveredError,
+                        redis_exceptions.AskError)):  # MOVED / ASK still, after the redirects followed
         return True
     if isinstance(exc, redis_exceptions.ResponseError):
         return redis_error_code(exc) in REDIS_REFUSALS

@@ -13,7 +13,7 @@ from typing import Iterable, NamedTuple, Sequence
 from app import clock, keys
 from app.engine.holdrec import HoldView, hold_id_for, new_gen, unpack_hold
 from app.engine.runner import Command, Prepared, Script, ScriptRunner
-from app.errors import CheckoutInProgress, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved
+from app.errors import CheckoutInProgress, InsufficientStock, LimitExceeded, NotFound, StockBelowReserved, Unavailable
 from app.metrics import HOLDS, REJECTIONS
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,27 @@ class Finalization(NamedTuple):
 _LOCK_REFUSALS = {-1: "missing", -2: "expired", -3: "locked"}
 
 
+class NotReplicated(Unavailable):
+    """HOLD_DURABILITY=replicated: no replica acknowledged a reserve within HOLD_REPLICA_TIMEOUT_MS,
+    and what it reserved was given back: 503 `unavailable` with Retry-After (counted, like every
+    503 for Redis, in inventory_store_errors_total{store="redis"})."""
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__("redis", retry_after)
+        self.message = "No replica confirmed the hold in time; nothing was reserved, retry shortly"
+        self.details = {"store": "redis", "reason": "not_replicated"}
+
+
+def replica_wait(settings) -> Command | None:
+    """The command that makes a reserve durable (HOLD_DURABILITY=replicated): `WAIT 1 <ms>` sent
+    last in the reserve's round trip, on its connection, so its reply says whether a replica has
+    every write of that round trip (the reserve and the commands beside it). None for `local`.
+    On a Redis Cluster, the runner sends a keyless command to the node of the script call before it."""
+    if getattr(settings, "hold_durability", "local") != "replicated":
+        return None
+    return ("WAIT", 1, int(settings.hold_replica_timeout_ms))
+
+
 def variant_keys(variant_id: int) -> list[str]:
     """A variant's stock, holds, expiry and customer keys: the KEYS of the hold scripts."""
     return [keys.stock(variant_id), keys.holds(variant_id), keys.hold_expiry(variant_id),
@@ -93,6 +114,7 @@ class Holds:
         self.ttl_ms = settings.hold_ttl_seconds * 1000
         self._indexed: dict[int, tuple[str, ...]] = {}
         self._reserves: dict[int, _Reserve] = {}
+        self.wait = replica_wait(settings)  # None unless HOLD_DURABILITY=replicated
 
     def indexed_keys(self, variant_id: int) -> list[str]:
         """The variant's keys, its slot's sweep index and its timer: the KEYS of the reserve, sweep
@@ -169,17 +191,22 @@ class Holds:
 
     def reserve(self, variant_id: int, user_id: str, quantity: int, *, mode: str = "add",
                 now: int | None = None, ttl_ms: int | None = None, limit: int | None = None,
-                gen: str | None = None, beside: Sequence[Command] = ()) -> Reservation:
+                gen: str | None = None, beside: Sequence[Command] = (), durable: bool = True) -> Reservation:
         """Reserve `quantity` more units (mode "add"), make the hold exactly `quantity` (mode "set"),
         or give back `quantity` units of it (mode "sub", to undo an add).
 
         `gen`: the generation a fresh hold gets (default: a new random one); a live hold keeps its own.
         `beside`: commands of the engine's other stores (the cart store's, app/engine/carts.py) sent
         in the same round trip, after the reserve; their replies are the reservation's `beside`.
+        HOLD_DURABILITY=replicated: an add stands only once a replica has it (`_reserve_replicated`;
+        `durable=False` skips that, for its own call).
 
         Raises:
-            InsufficientStock, LimitExceeded, CheckoutInProgress, NotFound (no such variant).
+            InsufficientStock, LimitExceeded, CheckoutInProgress, NotFound (no such variant),
+            NotReplicated (HOLD_DURABILITY=replicated, no replica acknowledged in time).
         """
+        if self.wait is not None and durable and mode == "add":
+            return self._reserve_replicated(variant_id, user_id, quantity, now, ttl_ms, limit, gen, beside)
         now = clock.now_ms() if now is None else now
         ttl = self.ttl_ms if ttl_ms is None else ttl_ms
         limit = self.settings.max_units_per_customer if limit is None else limit
@@ -200,8 +227,12 @@ class Holds:
         hold_id, quantity, limit = args[0], args[1], args[6]
         if res[0] == -1:
             self.rebuild([variant_id])
-            # the commands beside went with the refused call already: not again
-            res, _ = self.runner.call_prepared(head.call, args)
+            # the commands beside went with the refused call already: not again; but a replica
+            # WAIT sent last must follow the call that reserves, to cover it
+            tail = beside[-1:] if self.wait is not None and beside and beside[-1] is self.wait else ()
+            res, again = self.runner.call_prepared(head.call, args, tail)
+            if tail:
+                replies = (*replies[:-1], *again)
             if res[0] == -1:
                 raise RuntimeError(f"counters of variant {variant_id} could not be rebuilt")
         code = res[0]
@@ -222,6 +253,20 @@ class Holds:
             REJECTIONS.labels("checkout_in_progress").inc()
             raise CheckoutInProgress("This item is being checked out", {"variant_id": variant_id})
         raise RuntimeError(f"reserveHold returned {res!r}")
+
+    def _reserve_replicated(self, variant_id: int, user_id: str, quantity: int, now, ttl_ms, limit, gen,
+                            beside: Sequence[Command]) -> Reservation:
+        """A reserve (mode "add") that stands only once a replica acknowledged it: WAIT goes last in
+        its round trip. Without an acknowledgement the units are given back (mode "sub") and
+        NotReplicated is raised; the caller takes back what it wrote beside (a cart line)."""
+        r = self.reserve(variant_id, user_id, quantity, mode="add", now=now, ttl_ms=ttl_ms,
+                         limit=limit, gen=gen, beside=(*beside, self.wait), durable=False)
+        if int(r.beside[-1]) >= 1:
+            return r._replace(beside=r.beside[:-1])
+        log.warning("no replica acknowledged the reserve of %s unit(s) of variant %s within %s ms: given back",
+                    quantity, variant_id, self.wait[2])
+        self.reserve(variant_id, user_id, quantity, mode="sub")
+        raise NotReplicated()
 
     def _reserve_for(self, variant_id: int) -> _Reserve:
         if len(self._reserves) >= MAX_CACHED_VARIANTS:

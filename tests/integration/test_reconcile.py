@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from app import clock, keys
 from app.cli import main as cli
@@ -433,3 +433,208 @@ def test_reconciling_in_a_loop_during_a_storm_of_reserves_checkouts_and_adjustme
                          if hid.startswith(f"{vid}~")}
     final = reconciler.reconcile()
     assert (final.drifted, final.skipped) == (0, 0)
+
+
+# --- holds a failover lost: reported through the cart lines they leave ----------------------------
+
+def lost_metric() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("inventory_holds_lost_total") or 0.0
+
+
+def cart_add(client, user, vid, qty) -> dict:
+    response = client.post("/api/cart/add/", json={"user_id": user, "variant_id": vid, "quantity": qty})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["item"]
+
+
+def lose_hold(redis_client, vid, item_id, qty, *, with_counters: bool = True) -> None:
+    """What a promoted replica that never got the reserve looks like: no hold, and (with_counters)
+    counters as before it; without them, the counters still count the hold (drift to repair)."""
+    assert redis_client.hdel(keys.holds(vid), item_id) == 1
+    redis_client.zrem(keys.hold_expiry(vid), item_id)
+    if with_counters:
+        redis_client.hincrby(keys.stock(vid), "reserved", -qty)
+        redis_client.hincrby(keys.stock(vid), "available", qty)
+        redis_client.hincrby(keys.customer_units(vid), item_id.split("~", 1)[1], -qty)
+
+
+def test_a_hold_lost_behind_its_cart_line_is_reported_once_and_its_checkout_is_410(
+        client, engine, sessions, redis_client, reconciler):
+    vid = make_variant(sessions, on_hand=10)
+    lost = cart_add(client, "u1", vid, 3)
+    kept = cart_add(client, "u2", vid, 2)
+    lose_hold(redis_client, vid, lost["id"], 3, with_counters=False)  # counters still count it: drift too
+    before = lost_metric()
+
+    report = reconciler.reconcile()
+    assert (report.lost_holds, report.lost_hold_ids) == (1, [lost["id"]])
+    assert report.as_dict()["lost_holds"] == 1
+    assert lost_metric() - before == 1
+    assert (report.drifted, report.repaired) == (1, 1)
+    assert counts(engine, vid) == (8, 2)
+    assert_invariant(engine, sessions, redis_client, vid)
+
+    item = client.get("/api/cart/u1/").get_json()["items"][0]
+    assert (item["id"], item["status"]) == (lost["id"], "expired")
+    response = client.post("/api/cart/u1/checkout/")
+    assert response.status_code == 410
+    body = response.get_json()
+    assert body["error"]["code"] == "reservation_expired"
+    assert lost["id"] in str(body)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Order)) == 0
+
+    again = reconciler.reconcile()
+    assert (again.lost_holds, again.drifted) == (0, 0)
+    assert lost_metric() - before == 1
+    assert client.post("/api/cart/u2/checkout/").status_code == 201  # the surviving hold sells
+    assert counts(engine, vid) == (8, 0)
+    assert on_hand(sessions, vid) == 8
+    assert reconciler.reconcile().lost_holds == 0
+    assert kept["status"] == "held"
+
+
+def test_a_dry_run_reports_lost_holds_without_marking_them(client, engine, sessions, redis_client, reconciler):
+    vid = make_variant(sessions, on_hand=10)
+    items = [cart_add(client, f"u{i}", vid, 1)["id"] for i in range(3)]
+    for item_id in items[:2]:
+        lose_hold(redis_client, vid, item_id, 1)
+    before = lost_metric()
+    for _ in range(2):
+        dry = reconciler.reconcile(dry_run=True)
+        assert (dry.lost_holds, dry.lost_hold_ids, dry.drifted) == (2, sorted(items[:2]), 0)
+    assert lost_metric() == before
+    assert reconciler.reconcile(variant_ids=[make_variant(sessions)]).lost_holds == 0  # another variant's only
+    assert reconciler.reconcile().lost_holds == 2
+    assert reconciler.reconcile().lost_holds == 0
+    assert lost_metric() - before == 2
+    assert counts(engine, vid) == (9, 1)
+    assert_invariant(engine, sessions, redis_client, vid)
+
+
+def test_lapsed_removed_and_checked_out_lines_are_not_reported_lost(
+        client, engine, sessions, redis_client, reconciler):
+    vid = make_variant(sessions, on_hand=10)
+    lapsing = cart_add(client, "u1", vid, 1)
+    cart_add(client, "u2", vid, 1)
+    removed = cart_add(client, "u3", vid, 1)
+    assert client.delete(f"/api/cart/{removed['id']}/").status_code in (200, 204)
+    assert client.post("/api/cart/u2/checkout/").status_code == 201
+    before = lost_metric()
+
+    (line,) = reconciler.carts.lines("u1")
+    assert line.item_id == lapsing["id"]
+    report = reconciler.reconcile(now=line.expires_ms + 1)  # u1's hold lapsed (and is released by this pass)
+    assert report.lost_holds == 0
+    assert reconciler.reconcile().lost_holds == 0
+    assert lost_metric() == before
+    assert_invariant(engine, sessions, redis_client, vid)
+
+
+def test_a_checkout_that_stopped_after_finalizing_leaves_a_line_that_is_cleared_not_reported(
+        client, engine, sessions, redis_client, reconciler):
+    from app import faults
+
+    vid = make_variant(sessions, on_hand=10)
+    item = cart_add(client, "u1", vid, 2)
+
+    def die():
+        raise faults.SimulatedCrash("after finalize")
+
+    faults.inject("checkout.after_finalize", die)
+    try:
+        with pytest.raises(faults.SimulatedCrash):
+            client.post("/api/cart/u1/checkout/")
+    finally:
+        faults.clear()
+    assert redis_client.hexists(keys.cart("u1"), item["id"])  # the line outlived its sold hold
+    report = reconciler.reconcile()
+    assert (report.lost_holds, report.drifted) == (0, 0)
+    assert not redis_client.hexists(keys.cart("u1"), item["id"])
+    assert counts(engine, vid) == (8, 0)
+    assert_invariant(engine, sessions, redis_client, vid)
+
+
+def test_post_reconcile_carries_the_lost_holds(client, engine, sessions, redis_client):
+    vid = make_variant(sessions, on_hand=4)
+    item = cart_add(client, "u1", vid, 1)
+    lose_hold(redis_client, vid, item["id"], 1)
+    body = client.post("/api/ops/reconcile/", json={"dry_run": True}).get_json()
+    assert (body["lost_holds"], body["lost_hold_ids"]) == (1, [item["id"]])
+    body = client.post("/api/ops/reconcile/", json={}).get_json()
+    assert (body["lost_holds"], body["lost_hold_ids"], body["drifted"]) == (1, [item["id"]], 0)
+    assert client.post("/api/ops/reconcile/", json={}).get_json()["lost_holds"] == 0
+
+
+def test_a_hold_of_a_committed_order_that_a_failover_brought_back_is_finalized_again(
+        client, engine, sessions, redis_client, reconciler):
+    vid = make_variant(sessions, on_hand=3)
+    item = cart_add(client, "u1", vid, 2)
+    cart_add(client, "u2", vid, 1)
+    saved = {k: redis_client.hgetall(k) for k in (keys.holds(vid), keys.stock(vid))}
+    assert client.post("/api/cart/u1/checkout/").status_code == 201
+    for key, value in saved.items():  # the promoted replica never got the lock nor the finalize
+        redis_client.delete(key)
+        redis_client.hset(key, mapping=value)
+    assert engine.holds([(vid, item["id"])])[0].state == "held"
+
+    dry = reconciler.reconcile(dry_run=True)
+    assert dry.orders_finalized == 1
+    assert engine.holds([(vid, item["id"])])[0] is not None
+    report = reconciler.reconcile(grace_ms=0)
+    assert (report.orders_finalized, report.lost_holds) == (1, 0)
+    assert engine.holds([(vid, item["id"])]) == [None]
+    assert counts(engine, vid) == (0, 1)  # on_hand 1: the other customer's hold; nothing held twice
+    assert_invariant(engine, sessions, redis_client, vid)
+    assert reconciler.reconcile().orders_finalized == 0
+    again = client.post("/api/cart/u1/checkout/")  # its line went with the checkout: nothing to buy twice
+    assert again.status_code == 400 and again.get_json()["error"]["code"] == "empty_cart"
+
+
+def test_a_hold_lost_together_with_its_cart_line_is_written_back_after_the_outage_and_reported(
+        client, container, engine, sessions, redis_client, reconciler):
+    """On one primary a failover loses a hold and its line together: the web process that wrote the
+    line writes it back on its first write after the outage, and the reconciler reports it once."""
+    vid = make_variant(sessions, on_hand=10)
+    lost = cart_add(client, "u1", vid, 3)
+    lose_hold(redis_client, vid, lost["id"], 3)
+    assert redis_client.hdel(keys.cart("u1"), lost["id"]) == 1  # the line went with it
+    assert reconciler.reconcile().lost_holds == 0  # nothing left to see yet
+
+    container.cart_store.recent.outage()  # what a 503 for Redis does (see the next test)
+    cart_add(client, "u2", vid, 1)  # the next write of this process checks the lines of before
+    assert container.cart_store.recent.outage_since is None
+    before = lost_metric()
+    report = reconciler.reconcile()
+    assert (report.lost_holds, report.lost_hold_ids) == (1, [lost["id"]])
+    assert lost_metric() - before == 1
+    response = client.post("/api/cart/u1/checkout/")
+    assert (response.status_code, response.get_json()["error"]["code"]) == (410, "reservation_expired")
+    assert counts(engine, vid) == (9, 1)
+    assert_invariant(engine, sessions, redis_client, vid)
+    assert reconciler.reconcile().lost_holds == 0
+
+
+def test_lines_that_survived_or_were_written_after_the_outage_are_not_written_back(
+        client, container, sessions, redis_client, reconciler):
+    vid = make_variant(sessions, on_hand=10)
+    kept = cart_add(client, "u1", vid, 1)
+    container.cart_store.recent.outage()
+    after = cart_add(client, "u2", vid, 1)  # restores nothing: u1's line and hold are both there
+    removed = client.delete(f"/api/cart/{after['id']}/")
+    assert removed.status_code == 204
+    cart_add(client, "u3", vid, 1)
+    assert redis_client.hget(keys.cart("u2"), after["id"]) is None  # written after the outage: not restored
+    assert reconciler.reconcile().lost_holds == 0
+    assert kept["status"] == "held"
+
+
+def test_a_503_for_redis_makes_the_process_check_its_recent_lines(build_app, env):
+    from app.embedded import free_port
+
+    dead_client, dead = build_app({**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    response = dead_client.post("/api/cart/add/", json={"user_id": "u1", "variant_id": 1, "quantity": 1})
+    assert response.status_code == 503
+    assert dead.cart_store.recent.outage_since is not None

@@ -86,7 +86,7 @@ def test_a_packed_hold_unpacks_into_its_fields():
 
 def test_the_loader_finds_one_file_per_script_name():
     assert scripts.names() == sorted([
-        "adjustStock", "dropCartLines", "finalizeHold", "initStock", "lockHold", "reconcileStock",
+        "adjustStock", "dropCartLines", "finalizeHold", "initStock", "lockHold", "markLostLines", "reconcileStock",
         "releaseHold", "reserveBundle", "reserveHold", "sweepHolds", "unlockHold"])
 
 
@@ -95,7 +95,7 @@ def test_includes_are_expanded_in_place_and_nothing_is_left_unresolved():
     for name in scripts.names():
         text = scripts.source(name)
         assert not re.search(r"^--@include", text, re.MULTILINE)
-        if name == "dropCartLines":  # a cart script: no hold helpers
+        if name in ("dropCartLines", "markLostLines"):  # cart scripts: no hold helpers
             continue
         assert helpers in text
         assert text.index(helpers) < text.index("KEYS[1]", text.index(helpers))

@@ -98,3 +98,55 @@ def test_each_web_worker_freezes_its_start_up_heap_out_of_the_collectors_way():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+# -- Redis Sentinel and hold durability -----------------------------------------------------------
+
+def test_sentinel_and_durability_defaults():
+    s = load_settings({})
+    assert s.redis_sentinels == ()
+    assert s.redis_sentinel_service == "inventory"
+    assert s.hold_durability == "local"
+    assert s.hold_replica_timeout_ms == 100
+
+
+def test_sentinels_are_parsed_into_host_port_pairs():
+    s = load_settings({"REDIS_SENTINELS": " 10.0.0.1:26379, sentinel-b:26380,[::1]:26381 ",
+                       "REDIS_SENTINEL_SERVICE": "stock-main", "HOLD_DURABILITY": "Replicated",
+                       "HOLD_REPLICA_TIMEOUT_MS": "250"})
+    assert s.redis_sentinels == (("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert s.redis_sentinel_service == "stock-main"
+    assert s.hold_durability == "replicated"
+    assert s.hold_replica_timeout_ms == 250
+    assert s.redacted_redis_url().startswith("sentinel stock-main at 10.0.0.1:26379,")
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"REDIS_SENTINELS": "10.0.0.1"}, "REDIS_SENTINELS entries must look like host:port"),
+    ({"REDIS_SENTINELS": "10.0.0.1:26379,b:port"}, "REDIS_SENTINELS entries must look like host:port"),
+    ({"REDIS_SENTINELS": "a:0"}, "REDIS_SENTINELS entries"),
+    ({"REDIS_SENTINELS": "a b:26379"}, "REDIS_SENTINELS entries"),
+    ({"REDIS_SENTINEL_SERVICE": "my service"}, "REDIS_SENTINEL_SERVICE must be"),
+    ({"HOLD_DURABILITY": "sync"}, "HOLD_DURABILITY must be local or replicated"),
+    ({"HOLD_REPLICA_TIMEOUT_MS": "0"}, "HOLD_REPLICA_TIMEOUT_MS must be between 1 and 10000"),
+    ({"HOLD_REPLICA_TIMEOUT_MS": "10001"}, "HOLD_REPLICA_TIMEOUT_MS must be between 1 and 10000"),
+    ({"HOLD_REPLICA_TIMEOUT_MS": "soon"}, "HOLD_REPLICA_TIMEOUT_MS must be an integer"),
+    ({"REDIS_SENTINELS": "a:26379", "REDIS_CLUSTER": "1"}, "REDIS_SENTINELS and REDIS_CLUSTER=1 exclude each other"),
+])
+def test_a_bad_sentinel_or_durability_setting_is_refused_in_one_line(env, fragment):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_production_takes_sentinels_in_place_of_redis_url():
+    env = {"APP_ENV": "production", "API_KEYS": "admin:k3y-for-admin", "DATABASE_URL": "postgresql://u@db/x"}
+    with pytest.raises(SettingsError, match="needs REDIS_URL or REDIS_SENTINELS"):
+        load_settings(env)
+    s = load_settings({**env, "REDIS_SENTINELS": "s1:26379,s2:26379"})
+    assert s.production and s.redis_sentinels and s.redis_url == ""
+    # a REDIS_URL beside them gives the db number and password (its host is not used)
+    s = load_settings({**env, "REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://:pw@ignored:1/3"})
+    assert s.redis_url == "redis://:pw@ignored:1/3"
+    assert "pw" not in s.redacted_redis_url()
