@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 
 # `pip install .` installs the packages whole (the Lua scripts and migrations are package data),
-# the dependencies and the `inventory` command; gunicorn loads wsgi.py from the work directory.
+# the dependencies and the `inventory` command.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,4 +20,5 @@ RUN pip install . \
 
 USER inventory
 EXPOSE 8000
-CMD ["gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"]
+# the web server of WEB_SERVER (app/webserver.py: gunicorn-gthread by default, granian, gunicorn-sync)
+CMD ["python", "-m", "app.webserver"]

@@ -1,23 +1,33 @@
-"""Gunicorn settings for `gunicorn -c python:app.gunicorn_conf wsgi:app` (inventory run and docker).
+"""Gunicorn settings for `gunicorn -c python:app.gunicorn_conf wsgi:app` (WEB_SERVER=gunicorn-sync or
+gunicorn-gthread: app/webserver.py starts it).
 
 No `preload_app`: each worker builds its own Redis and database connections after the fork.
 """
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from pathlib import Path
 
 from app.settings import load_settings
+from app.webserver import DEFAULTS, die_with_parent, freeze_startup_objects, web_config
 
 _settings = load_settings()
+_web = web_config()
 
 bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"
-# WEB_CONCURRENCY is gunicorn's and Heroku's own convention for the worker count, so it is read here
-# beside gunicorn rather than in app/settings.py.
-workers = int(os.environ.get("WEB_CONCURRENCY") or 4)
-worker_class = "sync"
+# WEB_CONCURRENCY is gunicorn's and Heroku's own convention for the worker count, so it is read
+# beside the server (app/webserver.py) rather than in app/settings.py.
+if _web.server == "gunicorn-gthread":
+    workers, threads = _web.workers, _web.threads
+    # the gthread worker that notes when each request arrived, for app/overload.py's queue budget
+    worker_class = "app.overload.StampedThreadWorker"
+    # every connection of a flash sale is accepted and its requests queue where they are timed
+    # (not in the kernel's backlog, unseen): at most this many per worker
+    worker_connections = 4096
+else:  # gunicorn-sync (also when this file is used directly while WEB_SERVER names another server)
+    workers = _web.workers if _web.server == "gunicorn-sync" else DEFAULTS["gunicorn-sync"][0]
+    worker_class = "sync"
+backlog = 2048
 timeout = 30
 graceful_timeout = 10
 keepalive = 5
@@ -51,23 +61,11 @@ def child_exit(server, worker):
 
 def post_fork(server, worker):
     """On Linux, a worker gets SIGTERM when its master dies, even by SIGKILL, instead of lingering."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - no libc prctl: the ppid check still applies
-        return
-    if os.getppid() != server.pid:  # the master died before prctl took effect
-        os._exit(0)
+    die_with_parent(server.pid)
 
 
 def post_worker_init(worker):
     """Move what the app built at start-up (about 90,000 objects) into the collector's permanent
     generation: a full collection then walks only what requests left behind. Unfrozen, one takes
     about 45 ms here and stalls every request waiting on that worker; frozen, about nothing."""
-    import gc
-
-    gc.freeze()
+    freeze_startup_objects()

@@ -44,6 +44,8 @@ RELEASE_LAG = Histogram(
     "inventory_release_lag_seconds", "From a hold's expiry to its units being back in available",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
+HOLDS_LOST = Counter("inventory_holds_lost_total",
+                     "Acknowledged holds found lost by the reconciler (a cart line whose hold vanished)")
 STORE_ERRORS = Counter("inventory_store_errors_total", "Redis and database failures the service saw", ["store"])
 STORES = ("redis", "database")
 # Every series exists from the start at 0, so a rate() or an alert sees the first increase.
@@ -229,18 +231,26 @@ def _app_ops():
 
 
 def install_request_metrics(app) -> None:
-    from flask import g, request
+    from flask import request
+
+    # the histogram's child for each (method, rule, status) seen, so a request does not pay for
+    # labels()' checks and lock; the keys are bounded (METHOD_LABELS x the app's rules x statuses)
+    children: dict[tuple[str, str, int], object] = {}
+    perf_counter = time.perf_counter
 
     @app.before_request
     def _start_timer():
-        g._t0 = time.perf_counter()
+        request.environ["inventory.t0"] = perf_counter()
 
     @app.after_request
     def _observe(response):
-        t0 = getattr(g, "_t0", None)
+        req = request._get_current_object()
+        t0 = req.environ.get("inventory.t0")
         if t0 is not None:
-            endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-            REQUEST_LATENCY.labels(method_label(request.method), endpoint, str(response.status_code)).observe(
-                time.perf_counter() - t0
-            )
+            rule = req.url_rule
+            key = (method_label(req.method), rule.rule if rule is not None else "unmatched", response.status_code)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = REQUEST_LATENCY.labels(key[0], key[1], str(key[2]))
+            child.observe(perf_counter() - t0)
         return response

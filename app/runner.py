@@ -26,6 +26,7 @@ from typing import Callable
 
 from app import stack
 from app.settings import VAR_DIR, Settings, redact_url
+from app.webserver import web_command
 
 log = logging.getLogger("inventory.run")
 
@@ -73,7 +74,7 @@ def child_commands(python: str = sys.executable) -> list[Child]:
     """The processes of DESIGN.md, as this machine's Python runs them."""
     return [
         # the app factory, not wsgi.py: an installed package runs from any directory
-        Child("web", [python, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app:create_app()"], critical=True),
+        Child("web", web_command(python), critical=True),  # WEB_SERVER: app/webserver.py
         Child("listener", [python, "-m", "app.cli", "listen"]),
         Child("worker", [python, "-m", "app.cli", "worker"]),
         Child("scheduler", [python, "-m", "app.cli", "scheduler"]),
@@ -305,7 +306,8 @@ def run_stack(settings: Settings) -> int:
     try:
         redis_url = settings.redis_url
         if not redis_url:
-            redis_server = EmbeddedRedis(VAR_DIR / "redis", persist=True)
+            # not reached by the terminal's Ctrl-C: it is stopped last, once the children are gone
+            redis_server = EmbeddedRedis(VAR_DIR / "redis", persist=True, own_group=True)
             try:
                 redis_server.start()
             except RuntimeError as exc:

@@ -128,6 +128,22 @@ def targets(results: dict, quick: bool) -> list[dict]:
             f">= {10 * OLD_HTTP_ADDS_PER_SECOND:,} (10x)",
             "an absolute figure from the issue, machine-dependent",
         )
+        rate = web["add_to_cart"]["per_second"]
+        add("http: add-to-cart per second at 64 connections (issue: flash sale)", rate, rate >= 4800,
+            ">= 4,800", f"{web.get('server', 'gunicorn')}; machine-dependent: see the ratio to /healthz")
+    ov = results.get("overload")
+    if ov:
+        for name in ("hot_512", "hot_2048", "sold_out_2048"):
+            r = ov.get(name)
+            if not r:
+                continue
+            p99 = r["probe"]["served_p99_ms"] if name.startswith("hot") else r["probe"]["sold_out_p99_ms"]
+            if p99 is not None:
+                add(f"overload {name}: p99 of the requests served (ms)", p99, p99 < 100, "< 100")
+            add(f"overload {name}: 5xx answers", r["status_5xx"], r["status_5xx"] == 0, "0")
+            q = r["probe"]["overloaded_p50_ms"]
+            if q is not None:
+                add(f"overload {name}: p50 of a 429 overloaded (ms)", q, q < 10, "< 10")
     exp = results.get("expiry")
     if exp:
         lag = exp.get("lag", {})
@@ -234,6 +250,9 @@ def invariant_checks(results: dict) -> list[tuple[str, bool]]:
                 )
     if "http" in results:
         checks.append(("http", results["http"]["invariant"]["ok"]))
+    if "overload" in results:
+        checks.append(("overload", results["overload"]["invariant"]["ok"]))
+        checks.append(("overload/sold_out", results["overload"]["sold_out_invariant"]["ok"]))
     if "expiry" in results:
         for k in ("lag", "lag_loaded", "listener", "sweeper"):
             if k in results["expiry"]:
@@ -316,8 +335,8 @@ def table(results: dict) -> str:
     if web:
         lines.append("")
         lines.append(
-            f"HTTP: gunicorn (app/gunicorn_conf.py, {web['workers']} sync workers, "
-            f"APP_ENV={web['app_env']}), "
+            f"HTTP: {web.get('server', 'gunicorn-sync')} (app/webserver.py), "
+            f"APP_ENV={web['app_env']}, "
             f"{web['connections']} connections, load generator {web['tool']}, "
             + (
                 f"the median of {web['rounds']} interleaved rounds of {web['seconds'] / web['rounds']:g} s"
@@ -348,6 +367,43 @@ def table(results: dict) -> str:
                     + ", ".join(f"{n:,.0f}/s p99 {p:.0f} ms"
                                 for n, p in zip(r["per_second_by_round"], r["p99_ms_by_round"]))
                 )
+    if web and web.get("servers"):
+        lines.append("")
+        lines.append("SERVER COMPARISON (same app, stores and load; interleaved rounds, the median stands)")
+        lines.append(f"{'server':<26}{'healthz/s':>10}{'p99':>7}{'add/s':>9}{'p99':>7}{'add/healthz':>12}"
+                     f"{'CPU us/add':>11}   add answers not 2xx")
+        for label, row in web["servers"].items():
+            h, a = row["healthz"], row["add_to_cart"]
+            lines.append(
+                f"{label:<26}{h['per_second']:>10,.0f}{h['p99_ms']:>7.0f}{a['per_second']:>9,.0f}{a['p99_ms']:>7.0f}"
+                f"{row['add_vs_healthz'] or 0:>12.2f}{a.get('server_cpu_us') or 0:>11.0f}   "
+                f"{a['insufficient_or_400'] + a['other_status']}"
+            )
+        lines.append("CPU us/add: the web server's processes' CPU per add answered (steadier than the rate "
+                     "on a shared machine)")
+    ov = results.get("overload")
+    if ov:
+        lines.append("")
+        lines.append(f"OVERLOAD ({ov['server']}, knobs {ov['knobs']}; wrk on one variant, {ov['seconds']:g} s each; "
+                     f"latency by status from a {ov['probe_connections']}-connection probe beside it)")
+        a64 = ov.get("at_64", {})
+        if a64:
+            lines.append(f"64 connections: add {a64['add_per_second']:,.0f}/s, sold-out add "
+                         f"{a64['sold_out_per_second']:,.0f}/s (x{a64['sold_out_vs_add']} of an add)")
+        lines.append(f"{'run':<15}{'served/s':>9}{'429 share':>10}{'5xx':>5}{'sock err':>9}"
+                     f"{'served p99':>11}{'429 p50':>9}{'429 p99':>9}")
+        for name in ("hot_512", "hot_2048", "sold_out_2048"):
+            r = ov.get(name)
+            if not r:
+                continue
+            p = r["probe"]
+            served_p99 = p["served_p99_ms"] if name.startswith("hot") else p["sold_out_p99_ms"]
+            rate = r["served_per_second"] if name.startswith("hot") else r["sold_out_per_second"]
+            lines.append(f"{name:<15}{rate:>9,.0f}{r['overloaded_share'] or 0:>10.2f}{r['status_5xx']:>5}"
+                         f"{r['socket_errors']:>9}{served_p99 or 0:>11.1f}{p['overloaded_p50_ms'] or 0:>9.1f}"
+                         f"{p['overloaded_p99_ms'] or 0:>9.1f}")
+        lines.append(f"invariant: {'ok' if ov['invariant']['ok'] else ov['invariant']['problems']}; sold-out: "
+                     f"{'ok' if ov['sold_out_invariant']['ok'] else ov['sold_out_invariant']['problems']}")
     exp = results.get("expiry")
     if exp:
         lines.append("")

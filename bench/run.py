@@ -17,11 +17,11 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bench import cluster, correctness, dashboard, engine, expiry, memory, ops_summary, reconcile, report, web
+from bench import cluster, correctness, dashboard, engine, expiry, memory, ops_summary, overload, reconcile, report, web
 from bench.stores import Stores, seed_variants, sessions_for
 
 # ops last but correctness: its 10,000 variants would otherwise be in the reconcile section's count
-SECTIONS = ("engine", "cluster", "http", "dashboard", "expiry", "reconcile", "memory", "ops", "correctness")
+SECTIONS = ("engine", "cluster", "http", "overload", "dashboard", "expiry", "reconcile", "memory", "ops", "correctness")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Config:
     sweep_interval: int
     reconcile_variants: int
     memory_holds: int
+    overload_seconds: float = 8.0
     cluster_processes: tuple[int, ...] = (8, 32, 64)
     race_processes: int = 64
     race_attempts: int = 300
@@ -70,6 +71,7 @@ QUICK = Config(
     sweep_interval=5,
     reconcile_variants=10_000,
     memory_holds=10_000,
+    overload_seconds=3.0,
     cluster_processes=(8, 32),
     ops_variants=2_000,
     ops_holds=20_000,
@@ -104,6 +106,8 @@ RUNNERS = {
         s, seconds=c.engine_seconds, rounds=c.engine_rounds, processes=c.cluster_processes
     ),
     "http": lambda s, c: web.run(s, seconds=c.http_seconds, warmup_seconds=c.http_warmup_seconds, rounds=c.http_rounds),
+    # 512 and 2,048 connections on one hot variant, and a sold-out one: bench/overload.py
+    "overload": lambda s, c: overload.run(s, seconds=c.overload_seconds),
     "expiry": lambda s, c: expiry.run(
         s, lag_holds=c.lag_holds, other_live=c.other_live_holds, sweep_interval=c.sweep_interval
     ),

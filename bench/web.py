@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from app.embedded import free_port
+from app.webserver import DEFAULT_SERVER, server_argv, web_config
 from app.settings import ROOT
 from app.engine.holdrec import unpack_hold
 from app import keys
@@ -96,35 +97,44 @@ end
 
 
 class Server:
-    """gunicorn with the production config on a free port; stopped by pid."""
+    """The web server app/webserver.py starts for `env` (WEB_SERVER, WEB_CONCURRENCY, WEB_THREADS), on a
+    free port; stopped by pid."""
 
     def __init__(self, env: dict, log_path: Path):
         self.env, self.log_path, self.process = env, log_path, None
         self.port = int(env["PORT"])
+        self.name = env.get("WEB_SERVER", "")
 
     def start(self, timeout: float = 60) -> "Server":
         self.log = open(self.log_path, "wb")
+        env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"],
+            server_argv(sys.executable, env),
             cwd=ROOT,
-            env={**os.environ, **self.env},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_raise_nofile,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
             try:
                 status, _ = request("127.0.0.1", self.port, "GET", "/readyz")
-                if status == 200:
+                if status == 200 and self._workers_ready():
                     return self
             except OSError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"gunicorn did not become ready within {timeout:.0f}s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} did not become ready within {timeout:.0f}s; see {self.log_path}")
+
+    def _workers_ready(self) -> bool:
+        """Every worker answered once (one /readyz proves one worker only)."""
+        want = int(self.env.get("WEB_CONCURRENCY") or 1)
+        return len(self.pids()) - 1 >= want
 
     def pids(self) -> list[int]:
         """The master and its workers."""
@@ -147,6 +157,19 @@ class Server:
                 proc.wait()
         if getattr(self, "log", None):
             self.log.close()
+
+
+def _raise_nofile() -> None:
+    """Children (servers, wrk) may hold thousands of sockets: the soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _wrk_preexec() -> None:
+    _raise_nofile()
+    lower_priority()
 
 
 def request(
@@ -181,15 +204,16 @@ def _with_wrk(cpu: dict, rusage_before) -> dict:
 # --- load generators ------------------------------------------------------------------------------
 
 
-def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str]) -> dict:
+def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str],
+            connections: int = CONNECTIONS, timeout_s: int = 10) -> dict:
     cmd = [
         wrk,
         f"-t{WRK_THREADS}",
-        f"-c{CONNECTIONS}",
+        f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
         "--latency",
         "--timeout",
-        "10s",
+        f"{timeout_s}s",
         "-s",
         str(script),
         url,
@@ -197,7 +221,7 @@ def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str]) -
         *args,
     ]
     out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=lower_priority
+        cmd, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=_wrk_preexec
     )
     match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.MULTILINE)
     if not match:
@@ -278,94 +302,162 @@ def run_python(port: int, seconds: float, method: str, path: str, body_for, head
 # --- the benchmark --------------------------------------------------------------------------------
 
 
+# The servers compared (app/webserver.py), each as name:WORKERSxTHREADS; BENCH_WEB_SERVERS overrides.
+# The first is the one the price lookup and the top-level figures are for: WEB_SERVER's when set.
+SERVERS = ("gunicorn-gthread:2x4", "granian:2x2", "gunicorn-sync:4x1")
+
+
+def server_specs(env: dict | None = None) -> list[tuple[str, int, int]]:
+    env = os.environ if env is None else env
+    specs = []
+    for item in (env.get("BENCH_WEB_SERVERS") or ",".join(SERVERS)).split(","):
+        name, _, shape = item.strip().partition(":")
+        workers, _, threads = (shape or "").partition("x")
+        cfg = web_config({"WEB_SERVER": name, "WEB_CONCURRENCY": workers, "WEB_THREADS": threads})
+        specs.append((cfg.server, cfg.workers, cfg.threads))
+    first = (env.get("WEB_SERVER") or DEFAULT_SERVER).strip().lower()
+    specs.sort(key=lambda spec: spec[0] != first)  # stable: the default's spec first
+    return specs
+
+
+def label_of(spec: tuple[str, int, int]) -> str:
+    server, workers, threads = spec
+    return f"{server} {workers}x{threads}" if threads > 1 else f"{server} {workers}"
+
+
+def start_servers(stores: Stores, specs, extra_env: dict | None = None) -> dict[str, Server]:
+    """One server per spec, each on its own port, all on the same stores (started one by one)."""
+    servers: dict[str, Server] = {}
+    try:
+        for n, spec in enumerate(specs):
+            server, workers, threads = spec
+            prom_dir = stores.workdir / f"prometheus-{n}"
+            shutil.rmtree(prom_dir, ignore_errors=True)
+            env = stores.env(
+                PORT=str(free_port()), WEB_SERVER=server, WEB_CONCURRENCY=str(workers),
+                WEB_THREADS=str(threads), PROMETHEUS_MULTIPROC_DIR=str(prom_dir), **(extra_env or {}),
+            )
+            if stores.postgres:
+                env.update(APP_ENV="production", API_KEYS=f"admin:{ADMIN_KEY},storefront:{STOREFRONT_KEY}")
+            servers[label_of(spec)] = Server(env, stores.workdir / f"web-{n}.log").start()
+    except BaseException:
+        for started in servers.values():
+            started.stop()
+        raise
+    return servers
+
+
+def _server_cpu_us(before: tuple, after: tuple, answered: int) -> float | None:
+    """The web server's processes' CPU per answered request, in microseconds: steadier than the
+    rate on a shared machine, since another process's load slows the rate but adds nothing here."""
+    ticks = after[3] - before[3]
+    return round(ticks / os.sysconf("SC_CLK_TCK") * 1e6 / answered, 1) if answered else None
+
+
+def _measure(stores, server: Server, wrk, script, auth, vid, method, path, secs, prefix) -> dict:
+    ours = server.pids() + [stores.redis_server.process.pid]
+    before, rusage_before = cpu_snapshot(ours), resource.getrusage(resource.RUSAGE_CHILDREN)
+    web_before = cpu_snapshot(server.pids())
+    if wrk:
+        args = ["add" if method == "POST" else "get", str(vid), prefix, auth]
+        r = run_wrk(wrk, script, f"http://127.0.0.1:{server.port}{path}", secs, args)
+        r["cpu"] = _with_wrk(cpu_use(before, cpu_snapshot(ours)), rusage_before)
+        r["server_cpu_us"] = _server_cpu_us(web_before, cpu_snapshot(server.pids()), r["requests"])
+        return r
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = f"Bearer {auth}"
+
+    def body_for(i, n):
+        return json.dumps({"user_id": f"{prefix}-{i}-{n}", "variant_id": vid, "quantity": 1}).encode()
+
+    return run_python(server.port, secs, method, path, body_for if method == "POST" else None, headers)
+
+
+def _median(runs: list[dict]) -> dict:
+    r = dict(sorted(runs, key=lambda x: x["per_second"])[len(runs) // 2])
+    r["per_second_by_round"] = [x["per_second"] for x in runs]
+    r["p99_ms_by_round"] = [x["p99_ms"] for x in runs]
+    cpu = sorted(x["server_cpu_us"] for x in runs if x.get("server_cpu_us") is not None)
+    r["server_cpu_us"] = cpu[len(cpu) // 2] if cpu else None
+    return r
+
+
 def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 1, log=print) -> dict:
+    """Every server of server_specs() on the same app, stores and load: rounds interleaved across
+    servers and endpoints (A, B, C, A, B, C, ...); the median round stands for each."""
     engine_db, sessions = sessions_for(stores.database_url)
     product_id, (vid,) = seed_variants(sessions, 1, on_hand=STOCK)
     seed_rules(sessions, product_id)
     engine_db.dispose()
-    port = free_port()
-    prom_dir = stores.workdir / "prometheus"
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    server_env = stores.env(
-        PORT=str(port),
-        WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY", "4"),
-        PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
-    )
-    if stores.postgres:
-        server_env.update(APP_ENV="production", API_KEYS=f"admin:{ADMIN_KEY},storefront:{STOREFRONT_KEY}")
+    specs = server_specs()
     auth = STOREFRONT_KEY if stores.postgres else ""
     wrk = shutil.which("wrk")
-    tool = "wrk" if wrk else "python (wrk not on PATH)"
-    log(
-        f"  http load generator: {tool}; gunicorn workers {server_env['WEB_CONCURRENCY']}, "
-        f"{CONNECTIONS} connections"
-    )
+    log(f"  http load generator: {'wrk' if wrk else 'python (wrk not on PATH)'}; {CONNECTIONS} connections; "
+        f"servers {', '.join(label_of(s) for s in specs)}")
     script = stores.workdir / "bench.lua"
     script.write_text(WRK_SCRIPT)
-    base = f"http://127.0.0.1:{port}"
     endpoints = {
         "healthz": ("GET", "/healthz"),
         "price": ("GET", f"/api/pricing/{product_id}/price/?variant_id={vid}&quantity=1"),
         "add_to_cart": ("POST", "/api/cart/add/"),
     }
-    server = Server(server_env, stores.workdir / "gunicorn.log").start()
+    servers = start_servers(stores, specs)
+    primary = label_of(specs[0])
+    first = servers[primary]
     results: dict = {
         "tool": "wrk" if wrk else "python",
         "connections": CONNECTIONS,
-        "workers": int(server_env["WEB_CONCURRENCY"]),
+        "server": primary,
+        "workers": specs[0][1],
+        "threads": specs[0][2],
         "seconds": seconds,
         "rounds": rounds,
-        "app_env": server_env["APP_ENV"],
+        "app_env": first.env["APP_ENV"],
     }
     served_adds = 0
-    measured: dict[str, list[dict]] = {name: [] for name in endpoints}
-    # a warm-up pass, then `rounds` passes over the three endpoints in turn (seconds / rounds each),
-    # so a change in the machine's speed falls on all three alike; the median round stands
+    measured: dict[str, dict[str, list[dict]]] = {label: {} for label in servers}
     passes = [("warmup", warmup_seconds)] + [("measure", seconds / rounds)] * rounds
     try:
         for run_no, (phase, secs) in enumerate(passes):
-            for name, (method, path) in endpoints.items():
-                prefix = f"{phase}{run_no}"
-                ours = server.pids() + [stores.redis_server.process.pid]
-                before, rusage_before = cpu_snapshot(ours), resource.getrusage(resource.RUSAGE_CHILDREN)
-                if wrk:
-                    args = ["add" if method == "POST" else "get", str(vid), prefix, auth]
-                    r = run_wrk(wrk, script, base + path, secs, args)
-                else:
-                    headers = {"Content-Type": "application/json"}
-                    if auth:
-                        headers["Authorization"] = f"Bearer {auth}"
-
-                    def body_for(i, n, prefix=prefix):
-                        return json.dumps(
-                            {"user_id": f"{prefix}-{i}-{n}", "variant_id": vid, "quantity": 1}
-                        ).encode()
-
-                    r = run_python(port, secs, method, path, body_for if method == "POST" else None, headers)
-                if wrk:  # the load generator is ours too (a reaped child: its CPU is in RUSAGE_CHILDREN)
-                    r["cpu"] = _with_wrk(cpu_use(before, cpu_snapshot(ours)), rusage_before)
-                if name == "add_to_cart":
-                    served_adds += r["ok"]
-                if phase == "measure":
-                    measured[name].append(r)
-        for name, runs in measured.items():
-            r = dict(sorted(runs, key=lambda x: x["per_second"])[len(runs) // 2])
-            r["per_second_by_round"] = [x["per_second"] for x in runs]
-            r["p99_ms_by_round"] = [x["p99_ms"] for x in runs]
-            results[name] = r
-            log(
-                f"  http {name:<12} {r['per_second']:>8,.0f}/s  p50 {r['p50_ms']:.1f} ms  "
-                f"p99 {r['p99_ms']:.1f} ms  (2xx {r['ok']}, 400 {r['insufficient_or_400']}, "
-                f"other {r['other_status']}, socket errors {r['socket_errors']})"
-                + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
-                + (f"; by round {r['per_second_by_round']}/s, p99 {r['p99_ms_by_round']} ms" if rounds > 1 else "")
-            )
+            for label, server in servers.items():
+                for name, (method, path) in endpoints.items():
+                    if name == "price" and label != primary:
+                        continue
+                    r = _measure(stores, server, wrk, script, auth, vid, method, path, secs,
+                                 f"{phase}{run_no}s{list(servers).index(label)}")
+                    if name == "add_to_cart":
+                        served_adds += r["ok"]
+                    if phase == "measure":
+                        measured[label].setdefault(name, []).append(r)
+        comparison = {}
+        for label, by_name in measured.items():
+            row = {name: _median(runs) for name, runs in by_name.items()}
+            h = row["healthz"]["per_second"]
+            row["add_vs_healthz"] = round(row["add_to_cart"]["per_second"] / h, 3) if h else None
+            comparison[label] = row
+            for name, r in row.items():
+                if not isinstance(r, dict):
+                    continue
+                log(
+                    f"  http {label:<24} {name:<12} {r['per_second']:>8,.0f}/s  p50 {r['p50_ms']:.1f} ms  "
+                    f"p99 {r['p99_ms']:.1f} ms  (2xx {r['ok']}, 400 {r['insufficient_or_400']}, "
+                    f"other {r['other_status']}, socket errors {r['socket_errors']})"
+                    + (f", server CPU {r['server_cpu_us']:.0f} us/request" if r.get("server_cpu_us") else "")
+                    + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
+                    + (f"; by round {r['per_second_by_round']}/s, p99 {r['p99_ms_by_round']} ms"
+                       if rounds > 1 else "")
+                )
+            log(f"  http {label:<24} add / healthz {row['add_vs_healthz']}")
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    results.update({name: comparison[primary][name] for name in endpoints})
+    results["servers"] = {label: {k: v for k, v in row.items()} for label, row in comparison.items()}
     h = results["healthz"]["per_second"]
     results["add_vs_healthz"] = round(results["add_to_cart"]["per_second"] / h, 3) if h else None
     results["price_vs_healthz"] = round(results["price"]["per_second"] / h, 3) if h else None
-    results["invariant"] = _check(stores, vid, served_adds, len(passes) * CONNECTIONS)
+    results["invariant"] = _check(stores, vid, served_adds, len(passes) * CONNECTIONS * len(servers))
     return results
 
 

@@ -39,10 +39,14 @@ def required_role(method: str, path: str) -> str | None:
 
 def role_of(api_keys: dict[str, str], presented: str) -> str | None:
     """The role of a presented key; every known key is compared, in constant time."""
+    return _role_of_encoded([(key.encode(), role) for key, role in api_keys.items()], presented)
+
+
+def _role_of_encoded(encoded: list[tuple[bytes, str]], presented: str) -> str | None:
     found = None
     candidate = presented.encode()
-    for key, role in api_keys.items():
-        if hmac.compare_digest(key.encode(), candidate):
+    for key, role in encoded:
+        if hmac.compare_digest(key, candidate):
             found = role
     return found
 
@@ -50,26 +54,29 @@ def role_of(api_keys: dict[str, str], presented: str) -> str | None:
 def install_auth(app: Flask) -> None:
     settings = app.extensions["container"].settings
     keys = dict(settings.api_keys)
+    encoded = [(key.encode(), role) for key, role in keys.items()]  # once, not per request
 
     @app.before_request
     def _authenticate():
-        if request.url_rule is None:  # 404/405 answer first: no route, nothing to protect
+        req = request._get_current_object()  # one proxy lookup instead of one per attribute
+        if req.url_rule is None:  # 404/405 answer first: no route, nothing to protect
             return None
-        needed = required_role(request.method, request.path)
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        presented = presented.strip()
-        g.role = None
-        if presented and scheme.lower() == "bearer" and keys:
-            g.role = role_of(keys, presented)
         if not keys:
             g.role = "admin"  # auth off in development (warned at start)
             return None
+        needed = required_role(req.method, req.path)
+        header = req.environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
+        role = None
+        if presented and scheme.lower() == "bearer":
+            role = _role_of_encoded(encoded, presented)
+        g.role = role
         if needed is None:
             return None
-        if g.role is None:
+        if role is None:
             raise Unauthorized("A valid API key is required (Authorization: Bearer <key>)")
-        if needed == "admin" and g.role != "admin":
+        if needed == "admin" and role != "admin":
             raise Forbidden("This API key's role may not do this")
         return None
 

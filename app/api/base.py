@@ -7,7 +7,7 @@ from typing import Any
 
 import flask_smorest
 import marshmallow as ma
-from flask import current_app
+from flask import Response
 from flask.json.provider import DefaultJSONProvider
 from marshmallow import fields, validate
 from webargs import core
@@ -197,7 +197,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=De
 
 def reply(status: int, body: dict):
     """A JSON response a service already built in API.md's shape (no second serialisation)."""
-    return current_app.response_class(_ENCODER.encode(body) + "\n", status=status, mimetype="application/json")
+    return Response(_ENCODER.encode(body) + "\n", status=status, content_type="application/json")
 
 
 def page_of(items: list, page: int, per_page: int, total: int) -> dict:
