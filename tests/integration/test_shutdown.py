@@ -151,3 +151,98 @@ def test_sigterm_stops_the_listener_with_exit_code_0(tmp_path, database_url, red
     assert took < LISTENER_STOP_BOUND_S, f"the listener took {took:.1f}s to stop:\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
     assert "listener stopped after" in text
+
+
+@pytest.mark.parametrize("redis_first", [False, True], ids=["redis-up", "redis-gone-first"])
+def test_sigterm_stops_the_scheduler_with_exit_code_0(tmp_path, database_url, redis_first):
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    log = tmp_path / "scheduler.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "scheduler"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(REDIS_URL=server.url, DATABASE_URL=database_url))
+    try:
+        wait_for(lambda: proc.poll() is not None or "scheduler started" in log.read_text(), 60, 0.1,
+                 "the scheduler to start")
+        assert proc.poll() is None, log.read_text()
+        if redis_first:
+            server.stop()
+            wait_for(lambda: "scheduler lost Redis" in log.read_text(), 15, 0.05, "the scheduler to notice")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = proc.wait(30)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert took < LISTENER_STOP_BOUND_S, f"the scheduler took {took:.1f}s to stop:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    assert "scheduler stopped" in text
+
+
+@pytest.mark.parametrize("server", ["gunicorn-gthread", "granian", "gunicorn-sync"])
+def test_sigterm_stops_the_web_server_after_its_requests_in_flight(tmp_path, env, container, sessions, server):
+    """Under a stream of adds, SIGTERM: the server stops taking connections, answers what it took,
+    and exits 0; every unit reserved is one a client was told it has (nothing cut half-way)."""
+    import http.client
+    import threading
+
+    from app.webserver import web_command
+    from tests.factories import make_variant
+
+    vid = make_variant(sessions, on_hand=100_000)
+    port = free_port()
+    log = tmp_path / "web.log"
+    child_env = {**_env(), **env, "PORT": str(port), "WEB_CONCURRENCY": "2", "WEB_SERVER": server}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(web_command(sys.executable, child_env), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def shopper(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("POST", "/api/cart/add/", body=json.dumps(
+                    {"user_id": f"s{n}-{i}", "variant_id": vid, "quantity": 1}),
+                    headers={"Content-Type": "application/json"})
+                statuses.append(conn.getresponse().status)
+            except (OSError, http.client.HTTPException):
+                if proc.poll() is not None:
+                    return  # the server is gone: nothing more to send
+            finally:
+                conn.close()
+
+    try:
+        wait_for(lambda: proc.poll() is not None or readyz(port) == 200, 60, 0.1, "the web server to be ready")
+        assert proc.poll() is None, log.read_text()
+        shoppers = [threading.Thread(target=shopper, args=(n,)) for n in range(8)]
+        for t in shoppers:
+            t.start()
+        wait_for(lambda: statuses.count(201) >= 100, 30, 0.02, "100 adds served")
+        os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        code = proc.wait(30)
+        took = time.monotonic() - signalled
+        stop.set()
+        for t in shoppers:
+            t.join(15)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert took < STOP_BOUND_S, f"the web server took {took:.1f}s to stop:\n{text[-3000:]}"
+    assert set(statuses) <= {201, 429}, sorted(set(statuses))
+    reserved = container.holds.counters([vid])[vid]
+    assert reserved.reserved == statuses.count(201)
+    assert reserved.available + reserved.reserved == 100_000
