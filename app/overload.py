@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from app.settings import SettingsError, env_int
+
 QUEUED_AT = "inventory.queued_at"  # environ key: time.monotonic() when the request arrived
 WAITING = "inventory.waiting"  # environ key: requests waiting behind it when a thread took it up
 EXEMPT_PATHS = frozenset({"/healthz", "/healthz/", "/readyz", "/readyz/"})
@@ -46,8 +48,8 @@ _local = threading.local()
 STARTUP_GRACE_S = 10.0  # OVERLOAD_QUEUE_MS applies from this long after a worker starts
 
 
-class OverloadSettingsError(ValueError):
-    """A bad OVERLOAD_* value."""
+# A bad OVERLOAD_* value: a one-line error naming the setting.
+OverloadSettingsError = SettingsError
 
 
 @dataclass(frozen=True)
@@ -57,26 +59,13 @@ class OverloadSettings:
     retry_after: int = 1
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise OverloadSettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise OverloadSettingsError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
 def overload_settings(env: Mapping[str, str] | None = None) -> OverloadSettings:
     """The OVERLOAD_* settings of `env` (default os.environ)."""
     env = os.environ if env is None else env
     return OverloadSettings(
-        queue_ms=_int(env, "OVERLOAD_QUEUE_MS", 500, 0, 60_000),
-        max_pending=_int(env, "OVERLOAD_MAX_PENDING", 64, 0, 100_000),
-        retry_after=_int(env, "OVERLOAD_RETRY_AFTER", 1, 1, 3600),
+        queue_ms=env_int(env, "OVERLOAD_QUEUE_MS", 500, 0, 60_000),
+        max_pending=env_int(env, "OVERLOAD_MAX_PENDING", 64, 0, 100_000),
+        retry_after=env_int(env, "OVERLOAD_RETRY_AFTER", 1, 1, 3600),
     )
 
 

@@ -89,7 +89,8 @@ def redact_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    """An integer setting of `env` within its bounds, `default` when unset; SettingsError naming it."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -101,6 +102,9 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise SettingsError(f"{name} must be {bound}, got {value}")
     return value
+
+
+_int = env_int
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
+from app.settings import SettingsError, env_int
+
 SERVERS = ("gunicorn-gthread", "granian", "gunicorn-sync")
 # gunicorn-gthread: the one server here that sees a request the moment it arrives, so the one that can
 # refuse what it cannot serve in time (app/overload.py); granian spends less CPU per request but queues
@@ -40,8 +42,8 @@ GRANIAN_BACKLOG = 2048
 GRACEFUL_SECONDS = 10  # as app/gunicorn_conf.py's graceful_timeout
 
 
-class WebServerError(ValueError):
-    """A bad WEB_SERVER, WEB_CONCURRENCY or WEB_THREADS."""
+# A bad WEB_SERVER, WEB_CONCURRENCY or WEB_THREADS: a one-line error naming the setting.
+WebServerError = SettingsError
 
 
 @dataclass(frozen=True)
@@ -52,16 +54,7 @@ class WebConfig:
 
 
 def _count(env: Mapping[str, str], name: str, default: int, high: int) -> int:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise WebServerError(f"{name} must be a whole number, got {raw!r}") from None
-    if not 1 <= value <= high:
-        raise WebServerError(f"{name} must be between 1 and {high}, got {value}")
-    return value
+    return env_int(env, name, default, 1, high)
 
 
 def web_config(env: Mapping[str, str] | None = None) -> WebConfig:

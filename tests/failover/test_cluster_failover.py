@@ -20,9 +20,7 @@ The figures (how long adds were refused, holds lost and reported) are printed: r
 """
 from __future__ import annotations
 
-import os
 import signal
-from contextlib import contextmanager
 
 import pytest
 from redis.cluster import RedisCluster
@@ -33,7 +31,7 @@ from app.embedded import EmbeddedCluster, free_port
 from persistence.models import Order, Stock
 from tests.conftest import wait_for
 from tests.factories import make_variant
-from tests.failover.sale import Topology, print_figures, ready, sale_across_failover, web_command
+from tests.failover.sale import Topology, replicas_for, print_figures, ready, sale_across_failover, web_command
 from tests.faults.conftest import assert_stock_exact
 
 pytestmark = [pytest.mark.slow, pytest.mark.single_node]  # it starts its own cluster
@@ -48,11 +46,8 @@ SPREAD_ON_HAND = 1000
 
 @pytest.fixture
 def cluster(tmp_path, request):
-    # HOLD_DURABILITY=replicated needs a replica after the failover too (an add waits for one):
-    # two per primary, so one is left when the other is promoted
-    callspec = getattr(request.node, "callspec", None)
-    replicas = 2 if callspec and callspec.params.get("durability") == "replicated" else 1
-    c = EmbeddedCluster(tmp_path / "cluster", size=3, replicas=replicas, node_timeout_ms=NODE_TIMEOUT_MS).start()
+    c = EmbeddedCluster(tmp_path / "cluster", size=3, replicas=replicas_for(request),
+                        node_timeout_ms=NODE_TIMEOUT_MS).start()
     try:
         yield c
     finally:
@@ -77,16 +72,8 @@ class ClusterPrimaryLost(Topology):
     def __init__(self, cluster: EmbeddedCluster, primary: int, tag: str, start_url: str):
         self.cluster, self.primary, self.tag, self.start_url = cluster, primary, tag, start_url
 
-    @contextmanager
-    def pause_replica(self):
-        pids = [self.cluster.node(port).process.pid for port in self.cluster.replicas_of(self.primary)]
-        for pid in pids:  # every replica of the primary falls behind
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+    def replica_pids(self) -> list[int]:
+        return [self.cluster.node(port).process.pid for port in self.cluster.replicas_of(self.primary)]
 
     def backlog(self, data: bytes) -> None:
         with self.cluster.client(self.primary) as r:

@@ -13,17 +13,15 @@ its cart line are lost together: the figures printed (run with -s) say how many 
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from app.embedded import EmbeddedSentinelGroup, free_port
 from tests.conftest import wait_for
 from tests.factories import make_variant
-from tests.failover.sale import Topology, print_figures, ready, sale_across_failover, web_command
+from tests.failover.sale import Topology, replicas_for, print_figures, ready, sale_across_failover, web_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.single_node]  # it starts its own servers
 
@@ -36,11 +34,7 @@ SPREAD_ON_HAND = 1000
 
 @pytest.fixture
 def group(tmp_path, request):
-    # HOLD_DURABILITY=replicated needs a replica after the failover too (an add waits for one):
-    # two, so one is left when the other is promoted
-    callspec = getattr(request.node, "callspec", None)
-    replicas = 2 if callspec and callspec.params.get("durability") == "replicated" else 1
-    sentinels = EmbeddedSentinelGroup(tmp_path / "sentinel", replicas=replicas).start()
+    sentinels = EmbeddedSentinelGroup(tmp_path / "sentinel", replicas=replicas_for(request)).start()
     try:
         yield sentinels
     finally:
@@ -51,16 +45,8 @@ class SentinelPrimaryLost(Topology):
     def __init__(self, group: EmbeddedSentinelGroup):
         self.group = group
 
-    @contextmanager
-    def pause_replica(self):
-        pids = [self.group.servers[port].process.pid for port in self.group.replica_ports]
-        for pid in pids:  # every replica falls behind
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+    def replica_pids(self) -> list[int]:
+        return [self.group.servers[port].process.pid for port in self.group.replica_ports]
 
     def backlog(self, data: bytes) -> None:
         with self.group.client(self.group.primary_port) as r:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.single_node
 _INVENTORY = Path(sys.executable).with_name("inventory")
 INVENTORY = [str(_INVENTORY)] if _INVENTORY.exists() else [sys.executable, "-m", "app.cli"]
 STOP_BOUND_S = 3.0  # what Ctrl-C on `make run` promises
-LISTENER_STOP_BOUND_S = 3.0
+JOB_STOP_BOUND_S = 3.0
 _STORE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "RQ_REDIS_URL", "REDIS_CLUSTER", "API_KEYS",
                     "PROMETHEUS_MULTIPROC_DIR", "REDIS_SENTINELS")
 _CONNECTION_WORDS = ("lost Redis", "ConnectionError", "Connection refused", "Error 111")
@@ -115,59 +115,36 @@ def test_the_embedded_redis_does_not_outlive_a_killed_run(tmp_path):
         _cleanup(proc, redis_pid)
 
 
-def _listener(redis_url: str, database_url: str, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", "listen"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                env=_env(REDIS_URL=redis_url, DATABASE_URL=database_url))
+def _started(process: str, server: EmbeddedRedis, log: Path) -> bool:
+    """The listener is subscribed (its heartbeat is written) or the scheduler has started."""
+    if process == "scheduler":
+        return "scheduler started" in log.read_text()
+    with redis_lib.Redis.from_url(server.url) as client:
+        return bool(client.exists(keys.listener_heartbeat()))
 
 
+# process: (its command, what it logs when it lost Redis, and when it stopped)
+_JOB_PROCESSES = {"listen": ("lost Redis", "listener stopped after"),
+                  "scheduler": ("scheduler lost Redis", "scheduler stopped")}
+
+
+@pytest.mark.parametrize("process", sorted(_JOB_PROCESSES))
 @pytest.mark.parametrize("redis_first", [False, True], ids=["redis-up", "redis-gone-first"])
-def test_sigterm_stops_the_listener_with_exit_code_0(tmp_path, database_url, redis_first):
+def test_sigterm_stops_the_listener_and_the_scheduler_with_exit_code_0(tmp_path, database_url, redis_first, process):
+    lost, stopped = _JOB_PROCESSES[process]
     server = EmbeddedRedis(tmp_path / "redis").start()
-    log = tmp_path / "listener.log"
-    proc = _listener(server.url, database_url, log)
-    try:
-        client = redis_lib.Redis.from_url(server.url)
-        wait_for(lambda: proc.poll() is not None or client.exists(keys.listener_heartbeat()), 60, 0.1,
-                 "the listener to subscribe")
-        assert proc.poll() is None, log.read_text()
-        client.close()
-        if redis_first:
-            server.stop()
-            # it notices: the subscription fails, and it goes on trying to reconnect
-            wait_for(lambda: "lost Redis" in log.read_text(), 10, 0.05, "the listener to notice")
-        proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        code = proc.wait(30)
-        took = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        server.stop()
-    text = log.read_text(errors="replace")
-    assert code == 0, text[-3000:]
-    assert took < LISTENER_STOP_BOUND_S, f"the listener took {took:.1f}s to stop:\n{text[-3000:]}"
-    assert "Traceback" not in text, text[-3000:]
-    assert "listener stopped after" in text
-
-
-@pytest.mark.parametrize("redis_first", [False, True], ids=["redis-up", "redis-gone-first"])
-def test_sigterm_stops_the_scheduler_with_exit_code_0(tmp_path, database_url, redis_first):
-    server = EmbeddedRedis(tmp_path / "redis").start()
-    log = tmp_path / "scheduler.log"
+    log = tmp_path / f"{process}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "scheduler"], cwd=ROOT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", process], cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env=_env(REDIS_URL=server.url, DATABASE_URL=database_url))
     try:
-        wait_for(lambda: proc.poll() is not None or "scheduler started" in log.read_text(), 60, 0.1,
-                 "the scheduler to start")
+        wait_for(lambda: proc.poll() is not None or _started(process, server, log), 60, 0.1, f"{process} to start")
         assert proc.poll() is None, log.read_text()
         if redis_first:
             server.stop()
-            wait_for(lambda: "scheduler lost Redis" in log.read_text(), 15, 0.05, "the scheduler to notice")
+            # it notices: its connection fails, and it goes on trying to reconnect
+            wait_for(lambda: lost in log.read_text(), 15, 0.05, f"{process} to notice")
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         code = proc.wait(30)
@@ -179,9 +156,9 @@ def test_sigterm_stops_the_scheduler_with_exit_code_0(tmp_path, database_url, re
         server.stop()
     text = log.read_text(errors="replace")
     assert code == 0, text[-3000:]
-    assert took < LISTENER_STOP_BOUND_S, f"the scheduler took {took:.1f}s to stop:\n{text[-3000:]}"
+    assert took < JOB_STOP_BOUND_S, f"{process} took {took:.1f}s to stop:\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
-    assert "scheduler stopped" in text
+    assert stopped in text
 
 
 @pytest.mark.parametrize("server", ["gunicorn-gthread", "granian", "gunicorn-sync"])
