@@ -47,8 +47,9 @@ _FIRST_KEY = frozenset({
     "HGET", "HSET", "HSETNX", "HMSET", "HMGET", "HDEL", "HGETALL", "HLEN", "HEXISTS", "HINCRBY", "HKEYS", "HVALS",
     "ZADD", "ZREM", "ZCARD", "ZCOUNT", "ZSCORE", "ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE",
     "ZREMRANGEBYSCORE", "ZINCRBY", "ZRANK", "SADD", "SREM", "SCARD", "SMEMBERS", "SISMEMBER",
-    "LPUSH", "RPUSH", "LPOP", "RPOP", "LRANGE", "LLEN", "LTRIM", "XADD", "XLEN", "MEMORY", "OBJECT",
+    "LPUSH", "RPUSH", "LPOP", "RPOP", "LRANGE", "LLEN", "LTRIM", "XADD", "XLEN",
 })
+_SECOND_KEY = frozenset({"MEMORY", "OBJECT"})  # a subcommand, then the key
 _ALL_KEYS = frozenset({"DEL", "UNLINK", "EXISTS", "TOUCH", "MGET"})  # every argument a key, one slot
 _ASKING = lane_mod.pack("ASKING")
 
@@ -172,6 +173,8 @@ class ClusterRouter:
             return slot_of(command[1])
         if name in KEYLESS:
             return None
+        if name in _SECOND_KEY:  # MEMORY USAGE key, OBJECT ENCODING key
+            return slot_of(command[2])
         if name in _ALL_KEYS:
             slots = {slot_of(k) for k in command[1:]}
             if len(slots) != 1:

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import redis as redis_lib
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 
 from app import clock, keys
@@ -281,3 +282,11 @@ def test_keyless_commands_go_with_the_script_call_before_them(cluster, container
     assert replies[0][0] == 1 and replies[1:] == [1, 0]
     assert _calls(port, "wait") - after[port] == 1 and _calls(other, "wait") == after[other]
     assert _reserved(c, v) == (97, 3)
+
+
+def test_every_command_the_service_sends_is_routed_by_its_key(cluster, container):
+    router = container.runner.router
+    for command in [("HGET", "cart:{u1}", "x"), ("MEMORY", "USAGE", "cart:{u1}"), ("OBJECT", "ENCODING", "cart:{u1}"),
+                    ("DEL", "cart:{u1}", "other:{u1}"), ("EVALSHA", "0" * 40, 1, "cart:{u1}")]:
+        assert router.command_slot(command) == key_slot(b"u1"), command
+    assert router.command_slot(("WAIT", 1, 100)) is None
