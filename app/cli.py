@@ -210,6 +210,11 @@ def reconcile(dry_run: bool, variant_ids: tuple[int, ...]) -> None:
     click.echo(f"checked {report.checked}, drifted {report.drifted}, {verb} "
                f"{report.drifted if dry_run else report.repaired}, skipped (in flight) {report.skipped}, "
                f"stale checkouts finalized {report.locks_finalized}, released {report.locks_released}")
+    if report.lost_holds or report.orders_finalized:
+        # what a Redis failover undid (docs/OPERATIONS.md, A Redis primary lost)
+        shown = ", ".join(report.lost_hold_ids[:10]) + (", ..." if report.lost_holds > 10 else "")
+        click.echo(f"holds lost in a Redis failover {report.lost_holds}" + (f" ({shown})" if shown else "")
+                   + f"; holds of committed orders finalized again {report.orders_finalized}")
 
 
 @main.command()

@@ -638,3 +638,13 @@ def test_a_503_for_redis_makes_the_process_check_its_recent_lines(build_app, env
     response = dead_client.post("/api/cart/add/", json={"user_id": "u1", "variant_id": 1, "quantity": 1})
     assert response.status_code == 503
     assert dead.cart_store.recent.outage_since is not None
+
+
+def test_the_reconcile_command_prints_the_holds_a_failover_lost(client, engine, sessions, redis_client, cli_env):
+    vid = make_variant(sessions, on_hand=10)
+    lost = cart_add(client, "u1", vid, 3)
+    lose_hold(redis_client, vid, lost["id"], 3)
+    result = CliRunner().invoke(cli, ["reconcile"])
+    assert result.exit_code == 0, result.output
+    assert f"holds lost in a Redis failover 1 ({lost['id']})" in result.stdout
+    assert "holds lost" not in CliRunner().invoke(cli, ["reconcile"]).stdout  # reported once
