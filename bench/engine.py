@@ -36,7 +36,7 @@ from app.settings import load_settings
 from app.engine.holdrec import unpack_hold
 from app import keys
 from bench.clients import RunResult, run_clients
-from bench.stores import Stores, lua_stock_key, seed_variants, sessions_for
+from bench.stores import Replica, Stores, lua_stock_key, seed_variants, sessions_for
 
 APPROACHES = ("engine", "replicated", "lua", "rowlock")
 REPLICA_TIMEOUT_MS = 1000  # generous: a refused reserve would count as an error, not hide in the rate
@@ -125,40 +125,6 @@ def engine_setup(env: dict, variant_ids: list[int]):
         return op, container.close
 
     return setup
-
-
-class Replica:
-    """A replica of the bench's Redis, attached only while the `replicated` rounds run."""
-
-    def __init__(self, stores: Stores):
-        from app.embedded import EmbeddedRedis
-
-        self.primary_port = stores.redis_server.port
-        self.server = EmbeddedRedis(stores.workdir / "replica").start()
-        self.client = make_redis(load_settings({"REDIS_URL": self.server.url}))
-        self.primary = stores.redis()
-
-    def attach(self, timeout: float = 60.0) -> None:
-        """REPLICAOF the bench's Redis, and wait until it is online with every write."""
-        import time
-
-        self.client.execute_command("REPLICAOF", "127.0.0.1", self.primary_port)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.primary.info("replication")
-            slave = info.get("slave0") or {}
-            if slave.get("state") == "online" and slave.get("offset") == info["master_repl_offset"]:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("the bench's replica did not come in sync")
-
-    def detach(self) -> None:
-        self.client.execute_command("REPLICAOF", "NO", "ONE")
-
-    def stop(self) -> None:
-        self.client.close()
-        self.primary.close()
-        self.server.stop()
 
 
 def lua_setup(env: dict, variant_ids: list[int]):
@@ -397,7 +363,7 @@ def run(stores: Stores, *, seconds: float, rounds: int = 1, processes=PROCESSES,
                                     n,
                                     seconds / rounds,
                                     warmup=WARMUP_OPS,
-                                    watch_pids=(redis_pid, replica.server.process.pid),
+                                    watch_pids=(redis_pid, replica.pid),
                                 )
                             )
                         finally:

@@ -344,20 +344,35 @@ def table(results: dict) -> str:
                 else f"{web['seconds']:g} s"
             )
         )
-        lines.append(f"{'endpoint':<30}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs healthz':>12}   other")
+        lines.append(f"{'endpoint':<32}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs healthz':>12}   other")
         names = {
             "healthz": "GET /healthz",
             "price": "GET /api/pricing/<p>/price/",
             "add_to_cart": "POST /api/cart/add/",
         }
+        if web.get("add_replicated"):
+            names["add_replicated"] = "POST /api/cart/add/ replicated"
         for key, label in names.items():
             r = web[key]
             ratio = r["per_second"] / web["healthz"]["per_second"] if web["healthz"]["per_second"] else 0
             lines.append(
-                f"{label:<30}{r['per_second']:>9,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{ratio:>12.2f}"
+                f"{label:<32}{r['per_second']:>9,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{ratio:>12.2f}"
                 f"   400: {r['insufficient_or_400']}, other: {r['other_status']}, "
                 f"socket errors: {r['socket_errors']}"
                 + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
+            )
+        repl = web.get("add_replicated")
+        if repl:
+            vs, n503 = web["replicated_vs_local"], repl.get("status_503_total")
+            lines.append(
+                f"replicated: the add on a second {web.get('server')} with HOLD_DURABILITY=replicated "
+                f"(WAIT 1 {repl.get('hold_replica_timeout_ms')} ms), a replica attached for its rounds only; "
+                f"replicated / local: {vs['per_second']}x the rate, p50 {vs['p50_ms']}x, p99 {vs['p99_ms']}x"
+            )
+            lines.append(
+                "  503 (no replica confirmed in time), every measured round: "
+                + ("not counted (Python client)" if n503 is None
+                   else f"{n503} (must be 0: {'ok' if n503 == 0 else 'NOT A HEALTHY RUN'})")
             )
         if web.get("rounds", 1) > 1:
             for key, label in names.items():

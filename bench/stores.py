@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -22,6 +23,7 @@ from sqlalchemy import insert, literal, select
 
 from app.composition import Container
 from app.embedded import EmbeddedRedis
+from app.redis_client import make_redis
 from app.settings import Settings, load_settings
 from persistence.db import make_engine, make_session_factory, migrate
 from persistence.models import PricingRule, Product, Stock, Variant
@@ -194,6 +196,42 @@ class Stores:
         else:
             out["database"] = "sqlite"
         return out
+
+
+class Replica:
+    """A replica of the bench's Redis (a second redis-server in the work dir), attached with
+    `REPLICAOF` only while rounds with HOLD_DURABILITY=replicated run (bench/engine.py, bench/web.py)
+    and detached (`REPLICAOF NO ONE`) for the others, so those are measured as without it."""
+
+    def __init__(self, stores: Stores):
+        self.primary_port = stores.redis_server.port
+        self.server = EmbeddedRedis(stores.workdir / "replica").start()
+        self.client = make_redis(load_settings({"REDIS_URL": self.server.url}))
+        self.primary = stores.redis()
+
+    @property
+    def pid(self) -> int:
+        return self.server.process.pid
+
+    def attach(self, timeout: float = 60.0) -> None:
+        """REPLICAOF the bench's Redis, and wait until it is online with every write."""
+        self.client.execute_command("REPLICAOF", "127.0.0.1", self.primary_port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.primary.info("replication")
+            slave = info.get("slave0") or {}
+            if slave.get("state") == "online" and slave.get("offset") == info["master_repl_offset"]:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the bench's replica did not come in sync")
+
+    def detach(self) -> None:
+        self.client.execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.primary.close()
+        self.server.stop()
 
 
 # --- seeding -----------------------------------------------------------------------------------

@@ -10,10 +10,16 @@ the round with the median throughput stands for each, every round is in the JSON
 - GET  /healthz                                   the trivial JSON endpoint (the yardstick)
 - GET  /api/pricing/<product>/price/?variant_id=  a price lookup (public)
 - POST /api/cart/add/                             add-to-cart, a distinct user id per request (storefront key)
+- POST /api/cart/add/, HOLD_DURABILITY=replicated  the same on a second server of the first spec started with
+                                                  HOLD_DURABILITY=replicated (HOLD_REPLICA_TIMEOUT_MS as set,
+                                                  default 100), its rounds right after the plain add's, with a
+                                                  replica (bench.stores.Replica) attached by REPLICAOF and in
+                                                  sync for them only; a 503 (no replica confirmed in time) is
+                                                  counted apart and is 0 in a healthy run
 
 The load generator is wrk when it is on the PATH (a Lua script makes the user ids and counts statuses),
 else a small multiprocess Python client; the result says which. Only 2xx responses count as served;
-400 insufficient_stock and anything else are counted apart.
+400 insufficient_stock and anything else are counted apart (503 also on its own).
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ from pathlib import Path
 
 from app.embedded import free_port
 from app.webserver import DEFAULT_SERVER, server_argv, web_config
-from app.settings import ROOT
+from app.settings import ROOT, load_settings
 from app.engine.holdrec import unpack_hold
 from app import keys
 from bench.clients import cpu_snapshot, cpu_use, lower_priority, run_clients
-from bench.stores import Stores, seed_rules, seed_variants, sessions_for
+from bench.stores import Replica, Stores, seed_rules, seed_variants, sessions_for
 
 CONNECTIONS = 64
 WRK_THREADS = 2
 STOCK = 10**9
 STOREFRONT_KEY = "bench-storefront-key-0001"
+# add-to-cart on a second server of the first spec, with HOLD_DURABILITY=replicated and a replica
+REPLICATED = "add_replicated"
 ADMIN_KEY = "bench-admin-key-0001"
 
 WRK_SCRIPT = r"""
@@ -59,7 +67,7 @@ end
 
 function init(args)
   mode, vid, prefix, token = args[1], args[2], args[3], args[4]
-  n, s2xx, s400, sother = 0, 0, 0, 0
+  n, s2xx, s400, s503, sother = 0, 0, 0, 0, 0
   if mode == "add" then
     wrk.method = "POST"
     wrk.headers["Content-Type"] = "application/json"
@@ -78,19 +86,23 @@ end
 function response(status, headers, body)
   if status >= 200 and status < 300 then s2xx = s2xx + 1
   elseif status == 400 then s400 = s400 + 1
-  else sother = sother + 1 end
+  else
+    sother = sother + 1
+    if status == 503 then s503 = s503 + 1 end
+  end
 end
 
 function done(summary, latency, requests)
-  local ok, bad, other = 0, 0, 0
+  local ok, bad, other, unavailable = 0, 0, 0, 0
   for _, t in ipairs(threads) do
     ok = ok + t:get("s2xx"); bad = bad + t:get("s400"); other = other + t:get("sother")
+    unavailable = unavailable + t:get("s503")
   end
   local e = summary.errors
-  io.write(string.format('BENCH_RESULT {"requests":%d,"duration_us":%d,"ok":%d,"s400":%d,"other":%d,' ..
+  io.write(string.format('BENCH_RESULT {"requests":%d,"duration_us":%d,"ok":%d,"s400":%d,"other":%d,"s503":%d,' ..
     '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,' ..
     '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
-    summary.requests, summary.duration, ok, bad, other, e.connect, e.read, e.write, e.timeout,
+    summary.requests, summary.duration, ok, bad, other, unavailable, e.connect, e.read, e.write, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
 end
 """
@@ -237,6 +249,7 @@ def run_wrk(wrk: str, script: Path, url: str, seconds: float, args: list[str],
         "ok": raw["ok"],
         "insufficient_or_400": raw["s400"],
         "other_status": raw["other"],
+        "status_503": raw["s503"],  # among other_status
         "socket_errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
         "per_second": round(raw["ok"] / secs, 1),
         "p50_ms": raw["p50_us"] / 1000,
@@ -290,6 +303,7 @@ def run_python(port: int, seconds: float, method: str, path: str, body_for, head
         "ok": result.ok,
         "insufficient_or_400": result.refused,
         "other_status": result.errors,
+        "status_503": None,  # the Python client does not tell the statuses apart
         "socket_errors": 0,
         "per_second": s["per_second"],
         "p50_ms": s["p50_ms"],
@@ -325,13 +339,14 @@ def label_of(spec: tuple[str, int, int]) -> str:
     return f"{server} {workers}x{threads}" if threads > 1 else f"{server} {workers}"
 
 
-def start_servers(stores: Stores, specs, extra_env: dict | None = None) -> dict[str, Server]:
-    """One server per spec, each on its own port, all on the same stores (started one by one)."""
+def start_servers(stores: Stores, specs, extra_env: dict | None = None, tag: str = "") -> dict[str, Server]:
+    """One server per spec, each on its own port, all on the same stores (started one by one);
+    `tag` names the files of a second set started beside the first (its logs, metrics dirs)."""
     servers: dict[str, Server] = {}
     try:
         for n, spec in enumerate(specs):
             server, workers, threads = spec
-            prom_dir = stores.workdir / f"prometheus-{n}"
+            prom_dir = stores.workdir / f"prometheus{tag}-{n}"
             shutil.rmtree(prom_dir, ignore_errors=True)
             env = stores.env(
                 PORT=str(free_port()), WEB_SERVER=server, WEB_CONCURRENCY=str(workers),
@@ -339,7 +354,7 @@ def start_servers(stores: Stores, specs, extra_env: dict | None = None) -> dict[
             )
             if stores.postgres:
                 env.update(APP_ENV="production", API_KEYS=f"admin:{ADMIN_KEY},storefront:{STOREFRONT_KEY}")
-            servers[label_of(spec)] = Server(env, stores.workdir / f"web-{n}.log").start()
+            servers[label_of(spec)] = Server(env, stores.workdir / f"web{tag}-{n}.log").start()
     except BaseException:
         for started in servers.values():
             started.stop()
@@ -354,8 +369,8 @@ def _server_cpu_us(before: tuple, after: tuple, answered: int) -> float | None:
     return round(ticks / os.sysconf("SC_CLK_TCK") * 1e6 / answered, 1) if answered else None
 
 
-def _measure(stores, server: Server, wrk, script, auth, vid, method, path, secs, prefix) -> dict:
-    ours = server.pids() + [stores.redis_server.process.pid]
+def _measure(stores, server: Server, wrk, script, auth, vid, method, path, secs, prefix, also=()) -> dict:
+    ours = server.pids() + [stores.redis_server.process.pid, *also]
     before, rusage_before = cpu_snapshot(ours), resource.getrusage(resource.RUSAGE_CHILDREN)
     web_before = cpu_snapshot(server.pids())
     if wrk:
@@ -378,6 +393,9 @@ def _median(runs: list[dict]) -> dict:
     r = dict(sorted(runs, key=lambda x: x["per_second"])[len(runs) // 2])
     r["per_second_by_round"] = [x["per_second"] for x in runs]
     r["p99_ms_by_round"] = [x["p99_ms"] for x in runs]
+    statuses = [x.get("status_503") for x in runs]
+    r["status_503_by_round"] = statuses
+    r["status_503_total"] = None if None in statuses else sum(statuses)  # 503: never in a healthy run
     cpu = sorted(x["server_cpu_us"] for x in runs if x.get("server_cpu_us") is not None)
     r["server_cpu_us"] = cpu[len(cpu) // 2] if cpu else None
     return r
@@ -385,7 +403,9 @@ def _median(runs: list[dict]) -> dict:
 
 def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 1, log=print) -> dict:
     """Every server of server_specs() on the same app, stores and load: rounds interleaved across
-    servers and endpoints (A, B, C, A, B, C, ...); the median round stands for each."""
+    servers and endpoints (A, B, C, A, B, C, ...); the median round stands for each. Beside them the
+    first server's spec once more with HOLD_DURABILITY=replicated: its add-to-cart rounds run right
+    after the plain add's, with a replica attached to the bench's Redis for them only."""
     engine_db, sessions = sessions_for(stores.database_url)
     product_id, (vid,) = seed_variants(sessions, 1, on_hand=STOCK)
     seed_rules(sessions, product_id)
@@ -394,17 +414,20 @@ def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 
     auth = STOREFRONT_KEY if stores.postgres else ""
     wrk = shutil.which("wrk")
     log(f"  http load generator: {'wrk' if wrk else 'python (wrk not on PATH)'}; {CONNECTIONS} connections; "
-        f"servers {', '.join(label_of(s) for s in specs)}")
+        f"servers {', '.join(label_of(s) for s in specs)}; {label_of(specs[0])} also with "
+        f"HOLD_DURABILITY=replicated")
     script = stores.workdir / "bench.lua"
     script.write_text(WRK_SCRIPT)
     endpoints = {
         "healthz": ("GET", "/healthz"),
         "price": ("GET", f"/api/pricing/{product_id}/price/?variant_id={vid}&quantity=1"),
         "add_to_cart": ("POST", "/api/cart/add/"),
+        REPLICATED: ("POST", "/api/cart/add/"),  # the first server's spec, HOLD_DURABILITY=replicated
     }
     servers = start_servers(stores, specs)
     primary = label_of(specs[0])
     first = servers[primary]
+    replica = replicated = None
     results: dict = {
         "tool": "wrk" if wrk else "python",
         "connections": CONNECTIONS,
@@ -415,19 +438,32 @@ def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 
         "rounds": rounds,
         "app_env": first.env["APP_ENV"],
     }
-    served_adds = 0
+    served_adds = add_runs = 0
     measured: dict[str, dict[str, list[dict]]] = {label: {} for label in servers}
     passes = [("warmup", warmup_seconds)] + [("measure", seconds / rounds)] * rounds
     try:
+        replica = Replica(stores)
+        replicated = start_servers(stores, specs[:1], {"HOLD_DURABILITY": "replicated"}, tag="-replicated")[primary]
         for run_no, (phase, secs) in enumerate(passes):
             for label, server in servers.items():
                 for name, (method, path) in endpoints.items():
-                    if name == "price" and label != primary:
+                    if name in ("price", REPLICATED) and label != primary:
                         continue
-                    r = _measure(stores, server, wrk, script, auth, vid, method, path, secs,
-                                 f"{phase}{run_no}s{list(servers).index(label)}")
-                    if name == "add_to_cart":
+                    target, also = server, ()
+                    prefix = f"{phase}{run_no}s{list(servers).index(label)}"  # a distinct user id per add
+                    if name == REPLICATED:
+                        prefix += "r"
+                        target, also = replicated, (replica.pid,)
+                        replica.attach()
+                    try:
+                        r = _measure(stores, target, wrk, script, auth, vid, method, path, secs,
+                                     prefix, also)
+                    finally:
+                        if name == REPLICATED:
+                            replica.detach()
+                    if method == "POST":
                         served_adds += r["ok"]
+                        add_runs += 1
                     if phase == "measure":
                         measured[label].setdefault(name, []).append(r)
         comparison = {}
@@ -443,6 +479,7 @@ def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 
                     f"  http {label:<24} {name:<12} {r['per_second']:>8,.0f}/s  p50 {r['p50_ms']:.1f} ms  "
                     f"p99 {r['p99_ms']:.1f} ms  (2xx {r['ok']}, 400 {r['insufficient_or_400']}, "
                     f"other {r['other_status']}, socket errors {r['socket_errors']})"
+                    + (f", 503 in all rounds {r['status_503_total']}" if name == REPLICATED else "")
                     + (f", server CPU {r['server_cpu_us']:.0f} us/request" if r.get("server_cpu_us") else "")
                     + (f", other load {r['cpu']['other_cores']:.2f} cores" if "cpu" in r else "")
                     + (f"; by round {r['per_second_by_round']}/s, p99 {r['p99_ms_by_round']} ms"
@@ -450,15 +487,31 @@ def run(stores: Stores, *, seconds: float, warmup_seconds: float, rounds: int = 
                 )
             log(f"  http {label:<24} add / healthz {row['add_vs_healthz']}")
     finally:
-        for server in servers.values():
+        for server in [*servers.values(), *([replicated] if replicated else [])]:
             server.stop()
+        if replica is not None:
+            replica.stop()
     results.update({name: comparison[primary][name] for name in endpoints})
-    results["servers"] = {label: {k: v for k, v in row.items()} for label, row in comparison.items()}
+    results["servers"] = {label: {k: v for k, v in row.items() if k != REPLICATED}
+                          for label, row in comparison.items()}
     h = results["healthz"]["per_second"]
     results["add_vs_healthz"] = round(results["add_to_cart"]["per_second"] / h, 3) if h else None
     results["price_vs_healthz"] = round(results["price"]["per_second"] / h, 3) if h else None
-    results["invariant"] = _check(stores, vid, served_adds, len(passes) * CONNECTIONS * len(servers))
+    results[REPLICATED]["hold_replica_timeout_ms"] = load_settings(
+        {**os.environ, **replicated.env}).hold_replica_timeout_ms
+    results["replicated_vs_local"] = _vs_local(results["add_to_cart"], results[REPLICATED])
+    log(f"  http {primary:<24} replicated / local add {results['replicated_vs_local']}")
+    # the replicated server's adds count too: it reserves on the same variant
+    results["invariant"] = _check(stores, vid, served_adds, add_runs * CONNECTIONS)
     return results
+
+
+def _vs_local(local: dict, replicated: dict) -> dict:
+    """The replicated add against the plain one, from the median rounds of each."""
+    def ratio(key):
+        return round(replicated[key] / local[key], 2) if local.get(key) else None
+
+    return {"per_second": ratio("per_second"), "p50_ms": ratio("p50_ms"), "p99_ms": ratio("p99_ms")}
 
 
 def _check(stores: Stores, vid: int, served: int, in_flight: int) -> dict:
