@@ -27,13 +27,6 @@ pytestmark = pytest.mark.single_node  # it starts a cluster of its own; skipped 
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    c = EmbeddedCluster(tmp_path / "cluster").start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture
 def container(cluster, env, clean_stores):
     c = Container(load_settings({**env, "REDIS_URL": cluster.url, "REDIS_CLUSTER": "1"}))
     yield c

@@ -14,20 +14,13 @@ from redis.cluster import RedisCluster
 import jobs.listener
 from app import clock, keys
 from app.composition import Container
-from app.embedded import EmbeddedCluster, EmbeddedRedis, find_redis_server, free_port
+from app.embedded import EmbeddedRedis, find_redis_server, free_port
 from app.settings import load_settings
 from jobs.listener import ExpiryListener
 from persistence.models import Product, Stock, Variant
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.single_node  # it starts a cluster of its own; skipped when the suite is on one
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    c = EmbeddedCluster(tmp_path / "cluster").start()
-    yield c
-    c.stop()
 
 
 @pytest.fixture
