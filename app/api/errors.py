@@ -52,8 +52,10 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, Unavailable):  # every 503 for a store passes here: inventory_store_errors_total
             count_store_error(exc.details["store"])
             if exc.details["store"] == "redis":
-                # the cart lines written before it are checked on the next write (app/engine/recent.py)
-                container().cart_store.recent.outage()
+                try:  # the cart lines written before it are checked on the next write (app/engine/recent.py)
+                    container().cart_store.recent.outage()
+                except Exception:  # noqa: BLE001 - never more than a 503: the check is a nicety
+                    log.warning("could not note the Redis outage for the cart lines check")
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.errorhandler(HTTPException)

@@ -631,6 +631,7 @@ def test_lines_that_survived_or_were_written_after_the_outage_are_not_written_ba
     assert kept["status"] == "held"
 
 
+@pytest.mark.single_node  # a cluster client cannot even be built on a dead node
 def test_a_503_for_redis_makes_the_process_check_its_recent_lines(build_app, env):
     from app.embedded import free_port
 
