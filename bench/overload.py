@@ -28,7 +28,7 @@ import time
 from app import keys
 from app.engine.holdrec import unpack_hold
 from bench.stores import Stores, seed_variants, sessions_for
-from bench.web import STOREFRONT_KEY, WRK_SCRIPT, WRK_THREADS, _wrk_preexec, run_wrk, start_servers, \
+from bench.web import STOREFRONT_KEY, WRK_SCRIPT, WRK_THREAD_SETUP, WRK_THREADS, _wrk_preexec, run_wrk, start_servers, \
     server_specs
 
 STOCK = 10**9
@@ -38,15 +38,7 @@ PROBE_CONNECTIONS = 8
 WRK_OVERLOAD = r"""
 -- Counts answers by status class for add-to-cart, a distinct user per request.
 -- args: variant_id user_prefix bearer_token
-local threads = {}
-local next_tid = 1
-
-function setup(thread)
-  thread:set("tid", next_tid)
-  next_tid = next_tid + 1
-  table.insert(threads, thread)
-end
-
+""" + WRK_THREAD_SETUP + r"""
 function init(args)
   vid, prefix, token = args[1], args[2], args[3]
   n, s2xx, s400, s429, s5xx, sother, retry_after = 0, 0, 0, 0, 0, 0, 0

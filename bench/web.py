@@ -53,9 +53,8 @@ STOREFRONT_KEY = "bench-storefront-key-0001"
 REPLICATED = "add_replicated"
 ADMIN_KEY = "bench-admin-key-0001"
 
-WRK_SCRIPT = r"""
--- Counts responses by status; for add-to-cart makes a distinct user id per request.
--- args: mode (get|add) variant_id user_prefix bearer_token
+# Every wrk script's start: each thread numbered (`tid`, for distinct user ids) and kept for `done`.
+WRK_THREAD_SETUP = r"""
 local threads = {}
 local next_tid = 1
 
@@ -64,7 +63,12 @@ function setup(thread)
   next_tid = next_tid + 1
   table.insert(threads, thread)
 end
+"""
 
+WRK_SCRIPT = r"""
+-- Counts responses by status; for add-to-cart makes a distinct user id per request.
+-- args: mode (get|add) variant_id user_prefix bearer_token
+""" + WRK_THREAD_SETUP + r"""
 function init(args)
   mode, vid, prefix, token = args[1], args[2], args[3], args[4]
   n, s2xx, s400, s503, sother = 0, 0, 0, 0, 0
