@@ -6,8 +6,10 @@ server that sees each request the moment it arrives; the other servers queue req
 cannot see them, so they serve without admission control):
 
 - OVERLOAD_MAX_PENDING: a request that arrives while this many are already waiting for a thread
-  is answered 429 at once by the worker's main thread: canned bytes, the request unread and
-  unparsed, the connection closed (the client reconnects when it retries). The queue stays short,
+  is answered 429 at once by the worker's main thread: canned bytes, the request unparsed; a
+  whole plain HTTP/1.1 request is taken off the connection, which stays open, anything else (a
+  partial request, chunked, Expect, Connection: close) gets the 429 and a closed connection
+  (`refuse_unparsed`). The queue stays short,
   so the requests it holds are served in time: without the bound, thousands of connections keep
   thousands of requests queued and every answer waits for all of them.
 - OVERLOAD_QUEUE_MS: a request that still waited longer than this for a thread (it arrived during
